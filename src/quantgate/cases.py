@@ -1,0 +1,105 @@
+"""Cases: one point of the test matrix (model, source, scheme, variant, batch, device) and
+the generation settings it runs with. Pure data, built from the user's selection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from quantgate.models import ModelSpec, get_model
+from quantgate.models.sources import SOURCES
+
+# A tier is a marker (-m gpu / -m cpu) and the device its cases run on.
+TIERS: dict[str, str] = {"gpu": "cuda", "cpu": "cpu"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cell of the matrix."""
+
+    model: str
+    source: str
+    scheme: str
+    variant: str
+    batch: int
+    device: str  # "cuda" or "cpu"
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    max_sequence_length: int
+
+    @property
+    def tier(self) -> str:
+        return "gpu" if self.device == "cuda" else "cpu"
+
+    @property
+    def pipeline_key(self) -> tuple[str, str, str, str, str]:
+        """Cases with equal keys share one loaded pipeline."""
+        return (self.device, self.model, self.source, self.scheme, self.variant)
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.source}-{self.scheme}-{self.variant}-b{self.batch}-{self.device}"
+
+    def gate_attrs(self, hardware: str) -> dict[str, Any]:
+        """The attributes gates.toml selectors match against."""
+        return {"model": self.model, "source": self.source, "scheme": self.scheme, "variant": self.variant,
+                "batch": self.batch, "hardware": hardware}
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the pipeline's ``__call__`` (besides prompts and generator)."""
+        return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                "height": self.height, "width": self.width, "max_sequence_length": self.max_sequence_length}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "id": self.id, "tier": self.tier}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the user asked to run."""
+
+    models: Sequence[str]
+    schemes: Sequence[str]
+    variants: Sequence[str] = ("eager",)
+    batches: Sequence[int] = (1,)
+    source: str = "auto"
+    steps: int | None = None
+    resolution: tuple[int, int] | None = None  # (height, width)
+
+
+def make_case(spec: ModelSpec, source: str, scheme: str, variant: str, batch: int, device: str,
+              selection: Selection) -> Case:
+    """A case with the model card's defaults at the source's size, then the user's overrides."""
+    defaults = spec.defaults_for(SOURCES[source].size)
+    height, width = selection.resolution or (defaults["height"], defaults["width"])
+    return Case(
+        model=spec.name, source=source, scheme=scheme, variant=variant, batch=batch, device=device,
+        num_inference_steps=selection.steps or defaults["num_inference_steps"],
+        guidance_scale=float(defaults["guidance_scale"]),
+        height=height, width=width, max_sequence_length=defaults["max_sequence_length"],
+    )
+
+
+def build_cases(selection: Selection, choose_source: Callable[[ModelSpec, str], str],
+                tiers: Sequence[str] = ("gpu", "cpu"), per_pipeline: bool = False) -> list[Case]:
+    """Every case of ``selection`` in each tier.
+
+    The GPU tier uses the requested source (``auto`` resolved by ``choose_source``); the CPU
+    tier always uses ``tiny``. With ``per_pipeline``, only the smallest batch is kept: for
+    properties of a loaded pipeline (its footprint) the batch size does not matter.
+    """
+    batches = [min(selection.batches)] if per_pipeline else list(selection.batches)
+    cases = []
+    for tier in tiers:
+        device = TIERS[tier]
+        for model in selection.models:
+            spec = get_model(model)
+            source = choose_source(spec, device) if tier == "gpu" else "tiny"
+            for scheme in selection.schemes:
+                for variant in selection.variants:
+                    for batch in batches:
+                        cases.append(make_case(spec, source, scheme, variant, batch, device, selection))
+    return cases

@@ -1,0 +1,241 @@
+"""Gates: every threshold the suite enforces, read from ``fixtures/gates.toml``.
+
+A gate is a ``[[gate]]`` table: the ``metric`` it bounds, optional selectors (``model``,
+``source``, ``scheme``, ``variant``, ``batch``, ``hardware``; each a value or a list of
+values), ``min`` and/or ``max``, and ``why``: where the number comes from. A case uses the
+most specific gate whose selectors all match it (per-hardware overrides are simply more
+specific gates); two matching gates of equal specificity are an error, never a coin flip.
+A failure message shows measured vs required, the gate's file and line, and its ``why``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantgate.errors import ConfigFileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A quantity gates can bound, with its unit for messages."""
+
+    unit: str  # "x" (ratio), "bytes", "s", "fraction"
+    description: str
+
+
+METRICS: dict[str, Metric] = {
+    "transformer_footprint_reduction": Metric(
+        "x", "bytes of the denoiser in bf16 divided by its bytes as the scheme loads it"),
+    "leaked_gpu_bytes": Metric(
+        "bytes", "GPU bytes still allocated after a pipeline is released, above the session's baseline"),
+}
+
+SELECTORS: dict[str, type] = {"model": str, "source": str, "scheme": str, "variant": str, "batch": int,
+                              "hardware": str}
+_GATE_KEYS = {"metric", "min", "max", "why", *SELECTORS}
+
+
+def format_value(value: float, unit: str) -> str:
+    """A measured or required value as a person reads it."""
+    if unit == "x":
+        return f"{value:.3f}x"
+    if unit == "bytes":
+        return f"{value / 2**30:.3f} GiB ({int(value)} bytes)" if abs(value) >= 2**20 else f"{int(value)} bytes"
+    if unit == "s":
+        return f"{value:.4f} s"
+    return f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One ``[[gate]]`` entry."""
+
+    metric: str
+    selectors: Mapping[str, tuple[Any, ...]]
+    min: float | None
+    max: float | None
+    why: str
+    path: Path
+    line: int
+
+    @property
+    def specificity(self) -> int:
+        return len(self.selectors)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+    def matches(self, attrs: Mapping[str, Any]) -> bool:
+        return all(attrs.get(key) in values for key, values in self.selectors.items())
+
+    def requirement(self) -> str:
+        unit = METRICS[self.metric].unit
+        parts = []
+        if self.min is not None:
+            parts.append(f">= {format_value(self.min, unit)}")
+        if self.max is not None:
+            parts.append(f"<= {format_value(self.max, unit)}")
+        return " and ".join(parts)
+
+    def check(self, value: float, subject: str = "") -> Verdict:
+        """Compare ``value`` with this gate; NaN never passes."""
+        ok = not math.isnan(value)
+        if ok and self.min is not None:
+            ok = value >= self.min
+        if ok and self.max is not None:
+            ok = value <= self.max
+        unit = METRICS[self.metric].unit
+        message = (f"{self.metric}{' of ' + subject if subject else ''}: measured {format_value(value, unit)}, "
+                   f"required {self.requirement()} [{self.where}: {self.why}]")
+        return Verdict(gate=self, value=value, passed=ok, message=message)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of checking one measured value against one gate."""
+
+    gate: Gate
+    value: float
+    passed: bool
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.gate.metric,
+            "value": self.value,
+            "min": self.gate.min,
+            "max": self.gate.max,
+            "passed": self.passed,
+            "gate": self.gate.where,
+            "why": self.gate.why,
+        }
+
+
+@dataclass
+class GateBook:
+    """All gates of one file, with lookup by metric and case attributes."""
+
+    path: Path
+    gates: list[Gate] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path, vocabulary: Mapping[str, Collection[Any]] | None = None) -> GateBook:
+        """Read and validate ``path``; ``vocabulary`` lists the valid value of each selector.
+
+        Raises ConfigFileError naming the file, line and key of the first problem.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigFileError(path, "gates file not found (pass --quantgate-gates FILE)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigFileError(path, f"cannot read gates file: {exc}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            line = getattr(exc, "lineno", None)
+            raise ConfigFileError(path, f"not valid TOML: {exc}", line=line) from None
+        unknown = set(data) - {"gate"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigFileError(path, f"unknown top-level key {key!r}; gates are [[gate]] tables",
+                                  line=_line_of(text, rf"^\s*\[?\[?\s*{re.escape(key)}\b"), key=key)
+        raw_gates = data.get("gate", [])
+        if not isinstance(raw_gates, list):
+            raise ConfigFileError(path, "'gate' must be an array of tables ([[gate]])", key="gate")
+        lines = [i + 1 for i, text_line in enumerate(text.splitlines()) if re.match(r"^\s*\[\[\s*gate\s*\]\]", text_line)]
+        book = cls(path=path)
+        for index, raw in enumerate(raw_gates):
+            line = lines[index] if index < len(lines) else None
+            book.gates.append(_parse_gate(raw, path, line, vocabulary or {}))
+        book._check_duplicates()
+        return book
+
+    def _check_duplicates(self) -> None:
+        seen: dict[tuple, Gate] = {}
+        for gate in self.gates:
+            key = (gate.metric, tuple(sorted((k, tuple(sorted(map(str, v)))) for k, v in gate.selectors.items())))
+            if key in seen:
+                raise ConfigFileError(self.path, f"duplicates the gate at line {seen[key].line} "
+                                      f"(same metric and selectors)", line=gate.line, key=gate.metric)
+            seen[key] = gate
+
+    def lookup(self, metric: str, attrs: Mapping[str, Any]) -> Gate | None:
+        """The most specific gate for ``metric`` matching ``attrs``, or None if there is none."""
+        if metric not in METRICS:
+            raise KeyError(f"unknown metric {metric!r}; known: {', '.join(sorted(METRICS))}")
+        candidates = [g for g in self.gates if g.metric == metric and g.matches(attrs)]
+        if not candidates:
+            return None
+        best = max(g.specificity for g in candidates)
+        top = [g for g in candidates if g.specificity == best]
+        if len(top) > 1:
+            lines = ", ".join(str(g.line) for g in top)
+            raise ConfigFileError(self.path, f"gates at lines {lines} match the same case equally well "
+                                  f"({dict(attrs)}); make one more specific", line=top[0].line, key=metric)
+        return top[0]
+
+
+def _line_of(text: str, pattern: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if re.search(pattern, line):
+            return number
+    return None
+
+
+def _parse_gate(raw: Any, path: Path, line: int | None, vocabulary: Mapping[str, Collection[Any]]) -> Gate:
+    if not isinstance(raw, dict):
+        raise ConfigFileError(path, "each [[gate]] must be a table", line=line)
+    unknown = set(raw) - _GATE_KEYS
+    if unknown:
+        raise ConfigFileError(path, f"unknown key {sorted(unknown)[0]!r} (valid: {', '.join(sorted(_GATE_KEYS))})",
+                              line=line, key=sorted(unknown)[0])
+    metric = raw.get("metric")
+    if metric not in METRICS:
+        raise ConfigFileError(path, f"unknown metric {metric!r} (known: {', '.join(sorted(METRICS))})",
+                              line=line, key="metric")
+    bounds = {}
+    for key in ("min", "max"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigFileError(path, f"{key} must be a number, got {value!r}", line=line, key=key)
+        bounds[key] = None if value is None else float(value)
+    if bounds["min"] is None and bounds["max"] is None:
+        raise ConfigFileError(path, "a gate needs min, max or both", line=line, key=metric)
+    if bounds["min"] is not None and bounds["max"] is not None and bounds["min"] > bounds["max"]:
+        raise ConfigFileError(path, f"min {bounds['min']} is above max {bounds['max']}: no value can pass",
+                              line=line, key="min")
+    why = raw.get("why")
+    if not isinstance(why, str) or not why.strip():
+        raise ConfigFileError(path, "every gate says where its number comes from: add why = \"...\"",
+                              line=line, key="why")
+    selectors: dict[str, tuple[Any, ...]] = {}
+    for key, kind in SELECTORS.items():
+        if key not in raw:
+            continue
+        values = raw[key] if isinstance(raw[key], list) else [raw[key]]
+        if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+            raise ConfigFileError(path, f"{key} must be a {kind.__name__} or a list of them, got {raw[key]!r}",
+                                  line=line, key=key)
+        valid = vocabulary.get(key)
+        if valid is not None:
+            bad = [v for v in values if v not in valid]
+            if bad:
+                raise ConfigFileError(path, f"unknown {key} {bad[0]!r} (valid: {', '.join(map(str, sorted(valid)))})",
+                                      line=line, key=key)
+        selectors[key] = tuple(values)
+    return Gate(metric=metric, selectors=selectors, min=bounds["min"], max=bounds["max"], why=why.strip(),
+                path=path, line=line or 0)

@@ -1,0 +1,182 @@
+"""Build one pipeline for a case (source -> scheme -> variant) and keep at most one loaded.
+
+Loading always goes through ``Pipeline.from_pretrained(dir, quantization_config=...,
+device_map=device)``: weights are quantized on the device that runs them, as a user's code
+would. The cache holds one pipeline at a time; releasing it drops every reference quantgate
+holds, frees the allocator's cache, and reports bytes still allocated above the baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from packaging.version import Version
+
+from quantgate.cases import Case
+from quantgate.errors import PipelineBuildError, SourceInvalid, SourceUnavailable
+from quantgate.measure.footprint import Footprint, module_footprint, reference_bytes
+from quantgate.measure.memory import allocated_bytes, release_memory, synchronize
+from quantgate.models import ModelSpec, get_model
+from quantgate.models.sources import ResolvedSource, SourceContext, get_source
+from quantgate.schemes import Scheme, get_scheme
+from quantgate.variants import get_variant
+
+
+def _dtype_kwarg() -> str:
+    # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning).
+    import diffusers
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline on its device, with what was measured while loading it."""
+
+    case_key: tuple[str, ...]
+    spec: ModelSpec
+    scheme: Scheme
+    source: ResolvedSource
+    device: str
+    pipe: Any
+    load_seconds: float
+    footprints: dict[str, Footprint]
+    denoiser_reference_bytes: int
+    variant_notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self._live(), self.spec.denoiser)
+
+    @property
+    def denoiser_footprint(self) -> Footprint:
+        return self.footprints[self.spec.denoiser]
+
+    def _live(self) -> Any:
+        if self.pipe is None:
+            raise RuntimeError(f"pipeline {self.case_key} was released")
+        return self.pipe
+
+    def generate(self, case: Case, prompts: list[str], seed: int = 0) -> np.ndarray:
+        """Run the pipeline from prompt strings to images: an array (batch, H, W, 3) in [0, 1]."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.inference_mode():
+            out = self._live()(prompt=prompts, generator=generator, output_type="np", **case.call_kwargs())
+        return out.images
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about this pipeline for a benchmark record."""
+        return {
+            "source_kind": self.source.kind,
+            "source_path": str(self.source.path),
+            "source_detail": self.source.detail,
+            "scheme_info": self.scheme.describe(),
+            "load_seconds": round(self.load_seconds, 3),
+            "footprint_bytes": {name: fp.total_bytes for name, fp in self.footprints.items()},
+            "denoiser": self.spec.denoiser,
+            "denoiser_footprint": self.denoiser_footprint.as_dict(),
+            "denoiser_bf16_reference_bytes": self.denoiser_reference_bytes,
+            "pipeline_footprint_bytes": sum(fp.total_bytes for fp in self.footprints.values()),
+            "variant_notes": self.variant_notes,
+        }
+
+
+def load_pipeline(case: Case, ctx: SourceContext) -> LoadedPipeline:
+    """Resolve the case's source, load it with its scheme on its device, apply its variant."""
+    spec = get_model(case.model)
+    scheme = get_scheme(case.scheme)
+    variant = get_variant(case.variant)
+    source = get_source(case.source).resolve(spec, ctx, case.device)
+    kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True, "device_map": case.device}
+    quantization_config = scheme.quantization_config((spec.denoiser,))
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    start = time.perf_counter()
+    pipe = spec.pipeline_class().from_pretrained(source.path, **kwargs)
+    synchronize(case.device)
+    load_seconds = time.perf_counter() - start
+    pipe.set_progress_bar_config(disable=True)
+    notes = variant.apply(pipe, spec.denoiser)
+    footprints = {name: module_footprint(module) for name, module in pipe.components.items()
+                  if isinstance(module, torch.nn.Module)}
+    denoiser = spec.component(spec.denoiser)
+    reference = reference_bytes(denoiser.load_class(), source.path / spec.denoiser / "config.json")
+    return LoadedPipeline(case.pipeline_key, spec, scheme, source, case.device, pipe, load_seconds,
+                          footprints, reference, notes)
+
+
+@dataclass(frozen=True)
+class Release:
+    """What releasing a pipeline left behind on its device."""
+
+    case_key: tuple[str, ...]
+    device: str
+    baseline_bytes: int | None
+    allocated_after_bytes: int | None
+
+    @property
+    def leaked_bytes(self) -> int | None:
+        if self.baseline_bytes is None or self.allocated_after_bytes is None:
+            return None
+        return max(0, self.allocated_after_bytes - self.baseline_bytes)
+
+
+def _drop_exception_state() -> None:
+    # pytest keeps the last failure in sys.last_* for post-mortem debugging; its frames
+    # would keep a failed test's pipeline (and gigabytes of GPU memory) alive.
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+
+
+class PipelineCache:
+    """Keeps at most one loaded pipeline; tests that share a key reuse it."""
+
+    def __init__(self, ctx: SourceContext):
+        self.ctx = ctx
+        self.current: LoadedPipeline | None = None
+        self.failures: dict[tuple[str, ...], str] = {}
+        self.baselines: dict[str, int | None] = {}
+
+    def get(self, case: Case) -> LoadedPipeline:
+        """The pipeline for ``case``, loading it (and releasing any other) if needed."""
+        if self.current is not None and self.current.case_key == case.pipeline_key:
+            return self.current
+        if case.pipeline_key in self.failures:
+            raise PipelineBuildError(f"loading this pipeline already failed in this session: "
+                                     f"{self.failures[case.pipeline_key]}")
+        if self.current is not None:
+            self.release()
+        self.baselines.setdefault(case.device, allocated_bytes(case.device))
+        try:
+            self.current = load_pipeline(case, self.ctx)
+        except (SourceUnavailable, SourceInvalid):
+            raise  # cheap to re-check, and the plugin turns them into a skip / usage error
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            self.failures[case.pipeline_key] = message
+            # Frames of the failed load reference its half-built modules: clear them so the
+            # memory is free for the next case, keeping the message and the traceback text.
+            traceback.clear_frames(exc.__traceback__)
+            _drop_exception_state()
+            release_memory(case.device)
+            raise PipelineBuildError(f"{case.id}: {message}") from exc
+        return self.current
+
+    def release(self) -> Release | None:
+        """Free the loaded pipeline; report what stayed allocated above the baseline."""
+        if self.current is None:
+            return None
+        loaded, self.current = self.current, None
+        key, device = loaded.case_key, loaded.device
+        loaded.pipe = None  # a test holding the handle no longer holds the weights
+        del loaded
+        _drop_exception_state()
+        release_memory(device)
+        return Release(key, device, self.baselines.get(device), allocated_bytes(device))

@@ -1,0 +1,505 @@
+"""The quantgate pytest plugin: options, markers, case parametrization, fixtures, hooks.
+
+Tests read as the claims they check; the machinery lives here:
+
+- ``case``: parametrized from the model/scheme/source/variant/batch selection (ids such as
+  ``flux-schnell-synthetic-bnb-nf4-eager-b1-cuda``), marked ``gpu`` or ``cpu`` and with the
+  scheme's backend marker, so ``-m "gpu and torchao"`` selects without reading code.
+- ``pipeline``: the loaded pipeline of a case; at most one is held, tests that share it run
+  consecutively, and it is released (with a leak check) when the next test needs another.
+- ``bench``: times a callable through pytest-benchmark (GPU synchronized, warm-up rounds)
+  and records case, footprint and peak memory in ``extra_info``.
+- ``gates``: checks a measured value against ``fixtures/gates.toml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from quantgate import __version__
+from quantgate.cases import Case, Selection, build_cases
+from quantgate.errors import ConfigFileError, QuantgateError, SourceInvalid, SourceUnavailable, UnknownNameError
+from quantgate.gates import GateBook, Verdict, format_value
+from quantgate.hardware import HARDWARE_CLASSES, DeviceInfo, cuda_available, device_info, machine_facts, no_cuda_reason
+from quantgate.measure.memory import track_peak
+from quantgate.measure.timing import pedantic
+from quantgate.models import ModelSpec, get_model, model_names
+from quantgate.models.registry import load_models
+from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source, pipeline_dir_problems
+from quantgate.pipeline import LoadedPipeline, PipelineCache
+from quantgate.prompts import PromptSet
+from quantgate.schemes import get_scheme, scheme_markers, scheme_names
+from quantgate.variants import VARIANTS, get_variant
+
+T = TypeVar("T")
+
+BASE_MARKERS = {
+    "gpu": "runs on a CUDA GPU (skips with the reason where there is none)",
+    "cpu": "the CPU tier: tiny models, runs anywhere",
+    "perf": "times something through pytest-benchmark",
+    "memory": "measures footprint or peak memory",
+    "quality": "compares images or outputs against a reference",
+    "lora": "exercises LoRA loading on quantized pipelines",
+    "slow": "takes minutes even on a GPU",
+    "per_pipeline": "a property of the loaded pipeline: parametrized over the smallest batch only",
+}
+
+
+class QuantgateLeakWarning(UserWarning):
+    """GPU memory stayed allocated after a pipeline was released."""
+
+
+_RUN_KEY = pytest.StashKey["QuantgateRun"]()
+
+
+def default_cache_dir() -> Path:
+    """``$QUANTGATE_CACHE_DIR``, else ``$XDG_CACHE_HOME/quantgate``, else ``~/.cache/quantgate``."""
+    if os.environ.get("QUANTGATE_CACHE_DIR"):
+        return Path(os.environ["QUANTGATE_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "quantgate"
+
+
+# -- options --------------------------------------------------------------------------------
+
+_OPTIONS: dict[str, tuple[str, str | None]] = {
+    # name: (help, default); each is also an ini key quantgate_<name>.
+    "models": ("comma-separated models (default: all registered)", None),
+    "schemes": ("comma-separated schemes (default: all registered)", None),
+    "variants": ("comma-separated variants (default: eager)", "eager"),
+    "batch": ("comma-separated batch sizes (default: 1)", "1"),
+    "source": ("weights source for the GPU tier: auto, hub, path, synthetic, tiny (default: auto)", AUTO),
+    "cache-dir": ("quantgate's cache (synthetic weights...); default $QUANTGATE_CACHE_DIR or ~/.cache/quantgate", None),
+    "gates": ("gates file (default: <rootdir>/fixtures/gates.toml)", None),
+    "prompts": ("prompt file (default: <rootdir>/fixtures/prompts/gate.txt)", None),
+    "rounds": ("timed rounds per benchmark (default: 3)", "3"),
+    "warmup": ("untimed warm-up rounds before them (default: 1)", "1"),
+    "steps": ("override every model's number of inference steps", None),
+    "resolution": ("override the resolution: N or HxW, multiples of 16", None),
+    "seed": ("seed of synthetic weights and of generation (default: 0)", "0"),
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("quantgate", "quantgate: quantized diffusion pipeline gates")
+    for name, (help_text, _) in _OPTIONS.items():
+        group.addoption(f"--quantgate-{name}", dest=f"quantgate_{name.replace('-', '_')}", default=None,
+                        help=help_text)
+        parser.addini(f"quantgate_{name.replace('-', '_')}", help_text, default=None)
+    group.addoption("--quantgate-path", dest="quantgate_path", action="append", default=[], metavar="MODEL=DIR",
+                    help="a diffusers directory for MODEL, used by --quantgate-source path (repeatable)")
+
+
+def _option(config: pytest.Config, name: str) -> str | None:
+    key = f"quantgate_{name.replace('-', '_')}"
+    value = config.getoption(key)
+    if value is None:
+        value = config.getini(key) or None
+    return value if value is not None else _OPTIONS[name][1]
+
+
+def _names(value: str | None, valid: Sequence[str], kind: str, lookup: Callable[[str], Any]) -> list[str]:
+    if value is None:
+        return list(valid)
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise pytest.UsageError(f"--quantgate-{kind}s is empty; valid {kind}s: {', '.join(valid)}")
+    for name in names:
+        try:
+            lookup(name)
+        except UnknownNameError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    return names
+
+
+def _int(value: str | None, flag: str, minimum: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise pytest.UsageError(f"--quantgate-{flag} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise pytest.UsageError(f"--quantgate-{flag} must be >= {minimum}, got {number}")
+    return number
+
+
+def _resolution(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        dims = []
+    if len(dims) == 1:
+        dims *= 2
+    if len(dims) != 2 or any(d <= 0 or d % 16 for d in dims):
+        raise pytest.UsageError(f"--quantgate-resolution must be N or HxW with multiples of 16, got {value!r}")
+    return dims[0], dims[1]
+
+
+def _paths(values: list[str]) -> dict[str, Path]:
+    paths = {}
+    for value in values:
+        model, sep, directory = value.partition("=")
+        if not sep or not directory:
+            raise pytest.UsageError(f"--quantgate-path takes MODEL=DIR, got {value!r}")
+        try:
+            get_model(model)
+        except UnknownNameError as exc:
+            raise pytest.UsageError(f"--quantgate-path {value}: {exc}") from None
+        paths[model] = Path(directory).expanduser()
+    return paths
+
+
+# -- session state --------------------------------------------------------------------------
+
+
+@dataclass
+class QuantgateRun:
+    """Everything quantgate holds for one pytest session."""
+
+    selection: Selection
+    ctx: SourceContext
+    gates: GateBook
+    prompts_path: Path
+    rounds: int
+    warmup_rounds: int
+    pipelines: PipelineCache
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    releases: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _devices: dict[str, DeviceInfo] = field(default_factory=dict)
+    _sources: dict[tuple[str, str], str] = field(default_factory=dict)
+    _prompts: PromptSet | None = None
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> QuantgateRun:
+        """Read and validate every option; anything wrong is a UsageError saying what."""
+        try:
+            load_models()  # a broken model data file is reported before anything runs
+        except ConfigFileError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        source = _option(config, "source") or AUTO
+        if source != AUTO and source not in SOURCES:
+            raise pytest.UsageError(str(UnknownNameError("source", source, [*SOURCES, AUTO])))
+        batches_raw = _option(config, "batch") or "1"
+        batches = sorted({_int(b.strip(), "batch", 1) for b in batches_raw.split(",") if b.strip()})
+        if not batches:
+            raise pytest.UsageError("--quantgate-batch is empty")
+        selection = Selection(
+            models=_names(_option(config, "models"), model_names(), "model", get_model),
+            schemes=_names(_option(config, "schemes"), scheme_names(), "scheme", get_scheme),
+            variants=_names(_option(config, "variants"), list(VARIANTS), "variant", get_variant),
+            batches=tuple(batches),  # type: ignore[arg-type]
+            source=source,
+            steps=_int(_option(config, "steps"), "steps", 1),
+            resolution=_resolution(_option(config, "resolution")),
+        )
+        cache_dir = Path(_option(config, "cache-dir") or default_cache_dir()).expanduser()
+        ctx = SourceContext(cache_dir=cache_dir, paths=_paths(config.getoption("quantgate_path")),
+                            seed=_int(_option(config, "seed"), "seed", 0) or 0)
+        if source == "path":
+            problems = []
+            for model in selection.models:
+                try:
+                    get_source("path").resolve(get_model(model), ctx, "cpu")
+                except SourceInvalid as exc:
+                    problems.append(str(exc))
+            if problems:
+                raise pytest.UsageError("\n".join(problems))
+        gates_path = Path(_option(config, "gates") or config.rootpath / "fixtures" / "gates.toml")
+        vocabulary = {"model": model_names(), "scheme": scheme_names(), "source": list(SOURCES),
+                      "variant": list(VARIANTS), "hardware": HARDWARE_CLASSES}
+        try:
+            gates = GateBook.load(gates_path, vocabulary)
+        except ConfigFileError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        return cls(
+            selection=selection,
+            ctx=ctx,
+            gates=gates,
+            prompts_path=Path(_option(config, "prompts") or config.rootpath / "fixtures" / "prompts" / "gate.txt"),
+            rounds=_int(_option(config, "rounds"), "rounds", 1) or 1,
+            warmup_rounds=_int(_option(config, "warmup"), "warmup", 0) or 0,
+            pipelines=PipelineCache(ctx),
+        )
+
+    def choose_source(self, spec: ModelSpec, device: str) -> str:
+        key = (spec.name, device)
+        if key not in self._sources:
+            self._sources[key] = choose_source(self.selection.source, spec, device, self.ctx)
+        return self._sources[key]
+
+    def device(self, device: str) -> DeviceInfo:
+        if device not in self._devices:
+            self._devices[device] = device_info(device)
+        return self._devices[device]
+
+    def hardware(self, case: Case) -> str:
+        return "cpu" if case.device == "cpu" else self.device(case.device).hardware_class
+
+    @property
+    def prompts(self) -> PromptSet:
+        if self._prompts is None:
+            self._prompts = PromptSet.load(self.prompts_path)
+        return self._prompts
+
+    def skip_reason(self, case: Case) -> str | None:
+        """Why ``case`` cannot run on this machine, or None."""
+        if case.device == "cuda" and not cuda_available():
+            return no_cuda_reason()
+        return get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Keep each test's outcome (and skip reason) for the benchmark JSON's reader."""
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            reason = None
+            if report.skipped and isinstance(report.longrepr, tuple):
+                reason = report.longrepr[2].removeprefix("Skipped: ")
+            self.outcomes[report.nodeid] = {"outcome": report.outcome, "when": report.when, "reason": reason}
+
+    def summary(self) -> dict[str, Any]:
+        """What quantgate adds to the benchmark JSON."""
+        gates_bytes = self.gates.path.read_bytes() if self.gates.path.is_file() else b""
+        return {
+            "version": __version__,
+            "gates_file": str(self.gates.path),
+            "gates_sha256": hashlib.sha256(gates_bytes).hexdigest(),
+            "selection": {"models": list(self.selection.models), "schemes": list(self.selection.schemes),
+                          "variants": list(self.selection.variants), "batches": list(self.selection.batches),
+                          "source": self.selection.source, "steps": self.selection.steps,
+                          "resolution": self.selection.resolution, "rounds": self.rounds,
+                          "warmup_rounds": self.warmup_rounds, "seed": self.ctx.seed},
+            "verdicts": self.verdicts,
+            "releases": self.releases,
+            "outcomes": self.outcomes,
+        }
+
+
+def _run(config: pytest.Config) -> QuantgateRun:
+    return config.stash[_RUN_KEY]
+
+
+def _case_of(item: pytest.Item | None) -> Case | None:
+    callspec = getattr(item, "callspec", None)
+    value = callspec.params.get("case") if callspec is not None else None
+    return value if isinstance(value, Case) else None
+
+
+# -- hooks ----------------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    markers = dict(BASE_MARKERS)
+    markers.update({m: f"cases of the {m} backend" for m in scheme_markers()})
+    markers.update({spec.family: f"cases of the {spec.family} model family"
+                    for spec in (get_model(n) for n in model_names())})
+    for name, text in markers.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    run = QuantgateRun.from_config(config)
+    config.stash[_RUN_KEY] = run
+    config.pluginmanager.register(run, "quantgate-run")
+    if config.pluginmanager.hasplugin("benchmark"):
+        config.pluginmanager.register(_BenchmarkHooks(), "quantgate-benchmark-hooks")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" not in metafunc.fixturenames:
+        return
+    run = _run(metafunc.config)
+    per_pipeline = metafunc.definition.get_closest_marker("per_pipeline") is not None
+    cases = build_cases(run.selection, run.choose_source, per_pipeline=per_pipeline)
+    params = []
+    for case in cases:
+        marks = [getattr(pytest.mark, case.tier), getattr(pytest.mark, get_model(case.model).family)]
+        marks += [getattr(pytest.mark, m) for m in get_scheme(case.scheme).markers]
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    metafunc.parametrize("case", params)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run tests that share a pipeline back to back (one load each); harness tests first."""
+    groups: dict[tuple[str, ...], int] = {}
+    for item in items:
+        case = _case_of(item)
+        if case is not None:
+            groups.setdefault(case.pipeline_key, len(groups))
+    order = {id(item): index for index, item in enumerate(items)}
+
+    def key(item: pytest.Item) -> tuple[int, int, int]:
+        case = _case_of(item)
+        return (0, 0, order[id(item)]) if case is None else (1, groups[case.pipeline_key], order[id(item)])
+
+    items.sort(key=key)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Release the pipeline once no following test needs it (after fixture teardown)."""
+    run = _run(item.config)
+    current = run.pipelines.current
+    if current is None:
+        return
+    following = _case_of(nextitem)
+    if following is not None and following.pipeline_key == current.case_key:
+        return
+    _release(run, _case_of(item))
+
+
+def _release(run: QuantgateRun, case: Case | None) -> None:
+    released = run.pipelines.release()
+    if released is None or released.leaked_bytes is None:
+        return
+    record = {"pipeline": "/".join(released.case_key), "leaked_bytes": released.leaked_bytes}
+    if case is not None:
+        gate = run.gates.lookup("leaked_gpu_bytes", case.gate_attrs(run.hardware(case)))
+        if gate is not None:
+            verdict = gate.check(float(released.leaked_bytes), subject="/".join(released.case_key))
+            record.update(verdict.as_dict())
+            if not verdict.passed:
+                warnings.warn(QuantgateLeakWarning(verdict.message), stacklevel=1)
+    run.releases.append(record)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    run = session.config.stash.get(_RUN_KEY, None)
+    if run is None:
+        return
+    if run.pipelines.current is not None:
+        _release(run, None)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    run = config.stash.get(_RUN_KEY, None)
+    if run is None or not (run.verdicts or run.releases):
+        return
+    tr = terminalreporter
+    tr.section("quantgate")
+    passed = sum(v["passed"] for v in run.verdicts)
+    tr.write_line(f"gates: {passed} passed, {len(run.verdicts) - passed} failed ({run.gates.path})")
+    for v in run.verdicts:
+        if not v["passed"]:
+            tr.write_line(f"  FAILED {v['case']}: {v['message']}")
+    for r in run.releases:
+        if r.get("passed") is False:
+            tr.write_line(f"  LEAK {r['pipeline']}: {format_value(r['leaked_bytes'], 'bytes')} still allocated")
+
+
+class _BenchmarkHooks:
+    """pytest-benchmark hooks, registered only when pytest-benchmark is active."""
+
+    def pytest_benchmark_update_machine_info(self, config: pytest.Config, machine_info: dict) -> None:
+        machine_info.update(machine_facts())
+
+    def pytest_benchmark_update_json(self, config: pytest.Config, benchmarks: list, output_json: dict) -> None:
+        output_json["quantgate"] = _run(config).summary()
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def quantgate_run(request: pytest.FixtureRequest) -> QuantgateRun:
+    """The session's quantgate state (selection, gates, pipeline cache, records)."""
+    return _run(request.config)
+
+
+@pytest.fixture(scope="session")
+def prompts(quantgate_run: QuantgateRun) -> PromptSet:
+    """The gate prompt set (``--quantgate-prompts``)."""
+    try:
+        return quantgate_run.prompts
+    except ConfigFileError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture
+def pipeline(case: Case, quantgate_run: QuantgateRun) -> LoadedPipeline:
+    """The loaded pipeline of ``case``; skips with the exact reason where it cannot run."""
+    reason = quantgate_run.skip_reason(case)
+    if reason:
+        pytest.skip(reason)
+    try:
+        return quantgate_run.pipelines.get(case)
+    except SourceUnavailable as exc:
+        pytest.skip(str(exc))
+    except SourceInvalid as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+class Bench:
+    """Times a callable for one case and records what a reader of the JSON needs."""
+
+    def __init__(self, benchmark: Any, case: Case, loaded: LoadedPipeline, run: QuantgateRun):
+        self.benchmark, self.case, self.loaded, self.run = benchmark, case, loaded, run
+
+    def __call__(self, scope: str, fn: Callable[[], T]) -> T:
+        """Time ``fn`` (``scope`` names what it covers, e.g. ``end_to_end``); return its last result."""
+        case = self.case
+        self.benchmark.group = f"{case.model}/{case.source}/{scope}/b{case.batch}/{case.device}"
+        with track_peak(case.device) as peak:
+            result = pedantic(self.benchmark, fn, case.device, rounds=self.run.rounds,
+                              warmup_rounds=self.run.warmup_rounds)
+        loaded = self.loaded.describe()
+        self.benchmark.extra_info.update({
+            "quantgate_version": __version__,
+            "scope": scope,
+            **case.as_dict(),
+            "hardware": self.run.hardware(case),
+            "device_name": self.run.device(case.device).name,
+            "rounds": self.run.rounds,
+            "warmup_rounds": self.run.warmup_rounds,
+            "denoiser_footprint_bytes": self.loaded.denoiser_footprint.total_bytes,
+            "pipeline_footprint_bytes": loaded["pipeline_footprint_bytes"],
+            **{k: v for k, v in peak.as_dict().items() if k != "measured"},
+            "peak_memory_measured": peak.peak_allocated is not None,
+            "pipeline": loaded,
+        })
+        return result
+
+
+@pytest.fixture
+def bench(benchmark: Any, case: Case, pipeline: LoadedPipeline, quantgate_run: QuantgateRun) -> Bench:
+    """``bench(scope, fn)``: time ``fn`` through pytest-benchmark for this case."""
+    return Bench(benchmark, case, pipeline, quantgate_run)
+
+
+class CaseGates:
+    """The gates of one case: ``require(metric, value)`` passes, fails or skips the test."""
+
+    def __init__(self, run: QuantgateRun, case: Case, node: pytest.Item):
+        self.run, self.case, self.node = run, case, node
+
+    def require(self, metric: str, value: float) -> Verdict:
+        hardware = self.run.hardware(self.case)
+        gate = self.run.gates.lookup(metric, self.case.gate_attrs(hardware))
+        if gate is None:
+            pytest.skip(f"no {metric} gate matches {self.case.id} on {hardware} in {self.run.gates.path}: "
+                        f"add a [[gate]] entry to enforce one")
+        verdict = gate.check(float(value), subject=self.case.id)
+        record = {"nodeid": self.node.nodeid, "case": self.case.id, "hardware": hardware, **verdict.as_dict(),
+                  "message": verdict.message}
+        self.run.verdicts.append(record)
+        self.node.user_properties.append(("quantgate_verdict", record))
+        if not verdict.passed:
+            pytest.fail(verdict.message, pytrace=False)
+        return verdict
+
+
+@pytest.fixture
+def gates(case: Case, quantgate_run: QuantgateRun, request: pytest.FixtureRequest) -> CaseGates:
+    """Gate checks bound to this case and this machine's hardware class."""
+    return CaseGates(quantgate_run, case, request.node)
+
+
+__all__ = ["Bench", "CaseGates", "QuantgateError", "QuantgateLeakWarning", "QuantgateRun", "default_cache_dir"]

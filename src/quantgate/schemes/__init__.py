@@ -1,0 +1,48 @@
+"""The scheme registry: one module per backend, each exporting ``SCHEMES``.
+
+Adding a backend is one new module and one line in ``_BACKENDS``; adding a scheme to an
+existing backend is one entry in its ``SCHEMES`` list.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from quantgate.errors import UnknownNameError
+from quantgate.schemes.base import Requirements, Scheme
+
+_BACKENDS = ("bf16", "bitsandbytes", "torchao")
+
+
+def _load() -> dict[str, Scheme]:
+    registry: dict[str, Scheme] = {}
+    for module in _BACKENDS:
+        for scheme in importlib.import_module(f"quantgate.schemes.{module}").SCHEMES:
+            if scheme.name in registry:
+                raise ValueError(f"scheme {scheme.name!r} is registered twice (in {module})")
+            registry[scheme.name] = scheme
+    return registry
+
+
+SCHEMES: dict[str, Scheme] = _load()
+
+
+def scheme_names() -> list[str]:
+    """Names of every registered scheme, in registration order."""
+    return list(SCHEMES)
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme called ``name``; an unknown name lists the valid ones."""
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise UnknownNameError("scheme", name, SCHEMES) from None
+
+
+def scheme_markers() -> set[str]:
+    """Every pytest marker a scheme adds to its cases (``bnb``, ``torchao`` ...)."""
+    return {marker for scheme in SCHEMES.values() for marker in scheme.markers}
+
+
+__all__ = ["Requirements", "Scheme", "SCHEMES", "get_scheme", "scheme_markers", "scheme_names"]

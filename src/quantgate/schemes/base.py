@@ -1,0 +1,76 @@
+"""What a quantization scheme is: requirements it declares and how it is applied.
+
+A scheme is a small declarative entry. ``quantization_config`` returns the diffusers
+``PipelineQuantizationConfig`` (or ``None`` for an unquantized baseline), so loading goes
+through ``Pipeline.from_pretrained(dir, quantization_config=...)`` like any diffusers user's
+code. Backends that diffusers cannot express add a ``post_load`` step instead.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from quantgate.hardware import DeviceInfo
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What must hold for a scheme to run; ``unmet`` says in words what does not."""
+
+    packages: Mapping[str, str] = field(default_factory=dict)  # distribution -> specifier
+    devices: frozenset[str] = frozenset({"cuda", "cpu"})
+    min_capability: tuple[int, int] | None = None
+    max_capability: tuple[int, int] | None = None
+    device_note: str = ""  # why a device is excluded, appended to the skip reason
+    capability_note: str = ""
+
+    def unmet(self, scheme: str, device: DeviceInfo) -> str | None:
+        """The reason ``scheme`` cannot run on ``device`` with the installed packages, or None."""
+        if device.type not in self.devices:
+            allowed = " or ".join("a CUDA GPU" if d == "cuda" else "the CPU" for d in sorted(self.devices))
+            note = f" ({self.device_note})" if self.device_note else ""
+            return f"{scheme} runs only on {allowed}{note}; this case runs on {device.type}"
+        for dist, spec in self.packages.items():
+            try:
+                installed = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                return f"{scheme} needs {dist}{spec}, which is not installed: pip install '{dist}{spec}'"
+            try:
+                ok = Version(installed) in SpecifierSet(spec, prereleases=True)
+            except InvalidVersion:
+                ok = True  # local builds with odd version strings: let the import decide
+            if not ok:
+                return f"{scheme} needs {dist}{spec}, found {dist} {installed}: pip install -U '{dist}{spec}'"
+        if device.capability is not None:
+            low, high = self.min_capability, self.max_capability
+            if (low and device.capability < low) or (high and device.capability > high):
+                bounds = f"sm_{low[0]}{low[1]}" if low else "any"
+                bounds += f"–sm_{high[0]}{high[1]}" if high else " or newer"
+                note = f" ({self.capability_note})" if self.capability_note else ""
+                return f"{scheme} needs compute capability {bounds}; {device.name} is {device.sm}{note}"
+        return None
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A registered way of loading (and quantizing) a pipeline."""
+
+    name: str
+    summary: str
+    backend: str  # "none", "bitsandbytes", "torchao", ...
+    requires: Requirements = field(default_factory=Requirements)
+    # Given the component names to quantize, the diffusers PipelineQuantizationConfig or None.
+    quantization_config: Callable[[tuple[str, ...]], Any | None] = lambda components: None
+    markers: tuple[str, ...] = ()
+    # Extra facts recorded with every result (the exact backend config used, and why).
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """What a benchmark record says about this scheme."""
+        return {"name": self.name, "backend": self.backend, "summary": self.summary, **self.details}
