@@ -1,6 +1,6 @@
-"""Load the quantgate pytest plugin for this repository's suite.
+"""Load the quantgate pytest plugin for this repository's suite (and pytester for its own tests).
 
-Elsewhere, enable it with ``-p quantgate.plugin``.
+Elsewhere, enable the plugin with ``-p quantgate.plugin``.
 """
 
-pytest_plugins = ["quantgate.plugin"]
+pytest_plugins = ["quantgate.plugin", "pytester"]

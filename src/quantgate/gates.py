@@ -146,7 +146,8 @@ class GateBook:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            line = getattr(exc, "lineno", None)
+            found = re.search(r"at line (\d+)", str(exc))  # tomllib gained .lineno only in 3.14
+            line = getattr(exc, "lineno", None) or (int(found.group(1)) if found else None)
             raise ConfigFileError(path, f"not valid TOML: {exc}", line=line) from None
         unknown = set(data) - {"gate"}
         if unknown:

@@ -161,6 +161,14 @@ def _paths(values: list[str]) -> dict[str, Path]:
     return paths
 
 
+def _display_path(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies below it (clickable in messages)."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 # -- session state --------------------------------------------------------------------------
 
 
@@ -217,7 +225,7 @@ class QuantgateRun:
                     problems.append(str(exc))
             if problems:
                 raise pytest.UsageError("\n".join(problems))
-        gates_path = Path(_option(config, "gates") or config.rootpath / "fixtures" / "gates.toml")
+        gates_path = _display_path(Path(_option(config, "gates") or config.rootpath / "fixtures" / "gates.toml"))
         vocabulary = {"model": model_names(), "scheme": scheme_names(), "source": list(SOURCES),
                       "variant": list(VARIANTS), "hardware": HARDWARE_CLASSES}
         try:
@@ -400,6 +408,13 @@ class _BenchmarkHooks:
 
     def pytest_benchmark_update_machine_info(self, config: pytest.Config, machine_info: dict) -> None:
         machine_info.update(machine_facts())
+
+    def pytest_benchmark_update_commit_info(self, config: pytest.Config, commit_info: dict) -> None:
+        # A GPU runner may test an exported tree without .git; CI systems know the commit.
+        sha = os.environ.get("QUANTGATE_COMMIT") or os.environ.get("GITHUB_SHA")
+        if sha and commit_info.get("id") in (None, "unknown"):
+            commit_info.update(id=sha, commit_source="QUANTGATE_COMMIT" if os.environ.get("QUANTGATE_COMMIT")
+                               else "GITHUB_SHA")
 
     def pytest_benchmark_update_json(self, config: pytest.Config, benchmarks: list, output_json: dict) -> None:
         output_json["quantgate"] = _run(config).summary()

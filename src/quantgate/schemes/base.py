@@ -35,7 +35,7 @@ class Requirements:
         if device.type not in self.devices:
             allowed = " or ".join("a CUDA GPU" if d == "cuda" else "the CPU" for d in sorted(self.devices))
             note = f" ({self.device_note})" if self.device_note else ""
-            return f"{scheme} runs only on {allowed}{note}; this case runs on {device.type}"
+            return f"{scheme} runs only on {allowed}{note}; the device here is {device.type}"
         for dist, spec in self.packages.items():
             try:
                 installed = importlib.metadata.version(dist)

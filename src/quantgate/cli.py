@@ -1,0 +1,129 @@
+"""The ``quantgate`` command line: inspect registries, check this machine, pre-build caches.
+
+    quantgate models                      registered models and their defaults
+    quantgate schemes [--device cuda]     schemes, and whether each can run here (or why not)
+    quantgate materialize MODEL ...       build a synthetic/tiny weight directory ahead of a run
+    quantgate summary BENCH.json          a Markdown summary of a run's benchmark JSON
+    quantgate env                         GPU, driver, CUDA and library versions as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from quantgate import __version__
+from quantgate.errors import QuantgateError
+
+
+def _models(args: argparse.Namespace) -> int:
+    from quantgate.models import get_model, model_names
+
+    for name in model_names():
+        spec = get_model(name)
+        d = spec.defaults
+        print(f"{name:14s} {spec.pipeline:26s} {spec.hub_repo:42s} steps={d['num_inference_steps']} "
+              f"guidance={d['guidance_scale']} {d['height']}x{d['width']} max_seq={d['max_sequence_length']}")
+        if args.verbose:
+            print(f"  {spec.description}")
+            for comp in spec.components:
+                print(f"    {comp.name:16s} {comp.library}.{comp.cls}")
+    return 0
+
+
+def _schemes(args: argparse.Namespace) -> int:
+    from quantgate.hardware import cuda_available, device_info, no_cuda_reason
+    from quantgate.schemes import SCHEMES
+
+    device = args.device or ("cuda" if cuda_available() else "cpu")
+    if device.startswith("cuda") and not cuda_available():
+        print(f"cannot check schemes on {device}: {no_cuda_reason()}", file=sys.stderr)
+        return 2
+    info = device_info(device)
+    print(f"schemes on {info.name} ({info.hardware_class}{', ' + info.sm if info.sm else ''}):")
+    for name, scheme in SCHEMES.items():
+        reason = scheme.requires.unmet(name, info)
+        status = "runs" if reason is None else f"skips: {reason}"
+        print(f"  {name:18s} {scheme.summary}\n  {'':18s} -> {status}")
+    return 0
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    from quantgate.models import get_model
+    from quantgate.models.synthetic import materialize
+    from quantgate.plugin import default_cache_dir
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    path = materialize(get_model(args.model), args.size, cache_dir, seed=args.seed, device=args.device)
+    print(path)
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from quantgate.atomic import atomic_write_text
+    from quantgate.report import load_benchmark_json, summary_markdown
+
+    text = summary_markdown(load_benchmark_json(args.benchmark_json), title=args.title)
+    if args.output:
+        atomic_write_text(args.output, text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from quantgate.hardware import machine_facts
+
+    print(json.dumps(machine_facts(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantgate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"quantgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list registered models")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list each model's components")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("schemes", help="list schemes and whether each runs on this machine")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.set_defaults(func=_schemes)
+
+    p = sub.add_parser("materialize", help="build synthetic weights for a model ahead of a run")
+    p.add_argument("model", help="a registered model (quantgate models)")
+    p.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="full: the real architecture (about 34 GB for FLUX.1); tiny: CPU-sized (default: full)")
+    p.add_argument("--cache-dir", help="default: $QUANTGATE_CACHE_DIR or ~/.cache/quantgate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.add_argument("--device", help="where to generate the weights (default: cuda if present)")
+    p.set_defaults(func=_materialize)
+
+    p = sub.add_parser("summary", help="a Markdown summary of a benchmark JSON written by a quantgate run")
+    p.add_argument("benchmark_json", help="the file given to pytest --benchmark-json")
+    p.add_argument("-o", "--output", help="write here instead of standard output")
+    p.add_argument("--title", default="quantgate run", help="the summary's heading")
+    p.set_defaults(func=_summary)
+
+    p = sub.add_parser("env", help="print GPU, driver, CUDA and library versions as JSON")
+    p.set_defaults(func=_env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``quantgate`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except QuantgateError as exc:
+        print(f"quantgate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

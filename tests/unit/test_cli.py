@@ -1,0 +1,52 @@
+"""The quantgate command line."""
+
+import json
+
+import pytest
+
+from quantgate.cli import main
+
+
+def test_models_lists_each_model_with_its_defaults(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "flux-schnell" in out and "black-forest-labs/FLUX.1-schnell" in out and "steps=4" in out
+    assert "sd35-medium" in out and "StableDiffusion3Pipeline" in out
+
+
+def test_schemes_on_cpu_give_the_skip_reason(capsys):
+    assert main(["schemes", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "bnb-nf4 runs only on a CUDA GPU" in out and "int8-wo" in out
+
+
+def test_materialize_builds_a_tiny_pipeline_and_prints_its_path(tmp_path, capsys, tiny_cache):
+    assert main(["materialize", "sd35-medium", "--size", "tiny", "--cache-dir", str(tiny_cache)]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    assert path.startswith(str(tiny_cache))
+    assert json.loads((tiny_cache / path / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+
+
+def test_env_prints_machine_facts_as_json(capsys):
+    assert main(["env"]) == 0
+    assert "diffusers" in json.loads(capsys.readouterr().out)["libraries"]
+
+
+def test_an_unknown_model_is_a_clear_error(capsys):
+    assert main(["materialize", "flux-pro"]) == 2
+    assert "unknown model 'flux-pro'; valid models: flux-dev, flux-schnell, sd35-medium" in capsys.readouterr().err
+
+
+def test_help_describes_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("models", "schemes", "materialize", "env"):
+        assert command in out
+
+
+def test_summary_refuses_a_json_quantgate_did_not_write(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"benchmarks": []}))
+    assert main(["summary", str(other)]) == 2
+    assert "not a benchmark JSON written by a quantgate run" in capsys.readouterr().err

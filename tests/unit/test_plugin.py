@@ -1,0 +1,130 @@
+"""The plugin end to end, in a pytester sandbox: options, ordering, markers, skips, JSON."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+CASE_TESTS = """
+def test_first(case):
+    assert case.device in ("cpu", "cuda")
+
+def test_second(case):
+    assert case.model
+"""
+
+E2E_TEST = """
+import numpy as np
+
+def test_e2e(case, pipeline, bench, prompts, gates):
+    images = bench("end_to_end", lambda: pipeline.generate(case, prompts.take(case.batch)))
+    assert np.isfinite(images).all()
+    gates.require("transformer_footprint_reduction",
+                  pipeline.denoiser_reference_bytes / pipeline.denoiser_footprint.total_bytes)
+"""
+
+
+@pytest.fixture
+def args(tiny_cache):
+    return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}",
+            f"--quantgate-prompts={REPO / 'fixtures' / 'prompts' / 'gate.txt'}"]
+
+
+def test_unknown_scheme_is_a_usage_error_listing_valid_names(pytester, args):
+    pytester.makepyfile(CASE_TESTS)
+    result = pytester.runpytest(*args, "--quantgate-schemes=bf16,nf5")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown scheme 'nf5'; valid schemes: *bf16*bnb-nf4*"])
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("--quantgate-models=flux-pro", "*unknown model 'flux-pro'; valid models: flux-dev, flux-schnell, sd35-medium*"),
+    ("--quantgate-source=s3", "*unknown source 's3'; valid sources: auto, hub, path, synthetic, tiny*"),
+    ("--quantgate-batch=0", "*--quantgate-batch must be >= 1, got 0*"),
+    ("--quantgate-resolution=1000", "*--quantgate-resolution must be N or HxW with multiples of 16*"),
+    ("--quantgate-path=flux-schnell", "*--quantgate-path takes MODEL=DIR*"),
+])
+def test_bad_options_are_usage_errors(pytester, args, option, message):
+    pytester.makepyfile(CASE_TESTS)
+    result = pytester.runpytest(*args, option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_a_malformed_gates_file_stops_the_run_naming_file_and_key(pytester, args):
+    pytester.makepyfile(CASE_TESTS)
+    bad = pytester.path / "gates.toml"
+    bad.write_text('[[gate]]\nmetric = "transformer_footprint_reduction"\nmin = 2\nwhy = "x"\nscheme = "nf5"\n')
+    result = pytester.runpytest(*args, f"--quantgate-gates={bad}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*gates.toml:1 [[]scheme[]]: unknown scheme 'nf5'*"])
+
+
+def test_an_incomplete_path_source_is_a_usage_error_naming_the_file(pytester, args, tmp_path):
+    pytester.makepyfile(CASE_TESTS)
+    (tmp_path / "flux").mkdir()
+    result = pytester.runpytest(*args, "--quantgate-source=path", "--quantgate-models=flux-schnell",
+                                f"--quantgate-path=flux-schnell={tmp_path / 'flux'}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{tmp_path / 'flux' / 'model_index.json'} is missing*"])
+
+
+def test_tests_sharing_a_pipeline_run_back_to_back_with_markers(pytester, args):
+    pytester.makepyfile(CASE_TESTS)
+    result = pytester.runpytest(*args, "--collect-only", "-q", "-m", "cpu and torchao",
+                                "--quantgate-models=flux-schnell", "--quantgate-schemes=bf16,int8-wo,int8-dq")
+    ids = [line for line in result.outlines if "::" in line]
+    assert ids == [
+        "test_tests_sharing_a_pipeline_run_back_to_back_with_markers.py::test_first[flux-schnell-tiny-int8-wo-eager-b1-cpu]",
+        "test_tests_sharing_a_pipeline_run_back_to_back_with_markers.py::test_second[flux-schnell-tiny-int8-wo-eager-b1-cpu]",
+        "test_tests_sharing_a_pipeline_run_back_to_back_with_markers.py::test_first[flux-schnell-tiny-int8-dq-eager-b1-cpu]",
+        "test_tests_sharing_a_pipeline_run_back_to_back_with_markers.py::test_second[flux-schnell-tiny-int8-dq-eager-b1-cpu]",
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks how the GPU tier skips on a machine without a GPU")
+def test_the_gpu_tier_skips_cleanly_without_a_gpu(pytester, args):
+    pytester.makepyfile(E2E_TEST)
+    result = pytester.runpytest(*args, "-m", "gpu", "-rs", "--quantgate-models=flux-schnell",
+                                "--quantgate-schemes=bf16")
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*no CUDA GPU visible to torch*run on a GPU runner, or select the CPU tier with -m cpu*"])
+
+
+def test_the_cpu_tier_writes_a_benchmark_json_with_quantgate_records(pytester, args):
+    pytester.makepyfile(E2E_TEST)
+    out = pytester.path / "out.json"
+    result = pytester.runpytest(*args, "-m", "cpu", "--quantgate-models=flux-schnell",
+                                "--quantgate-schemes=bf16,bnb-nf4", "--quantgate-rounds=2", f"--benchmark-json={out}")
+    result.assert_outcomes(passed=1, skipped=1)
+    data = json.loads(out.read_text())
+
+    (bench,) = data["benchmarks"]
+    extra = bench["extra_info"]
+    assert (extra["model"], extra["source"], extra["scheme"], extra["variant"], extra["batch"]) == (
+        "flux-schnell", "tiny", "bf16", "eager", 1)
+    assert extra["scope"] == "end_to_end" and extra["num_inference_steps"] == 4
+    assert extra["denoiser_footprint_bytes"] == extra["pipeline"]["denoiser_bf16_reference_bytes"]
+    assert extra["pipeline_footprint_bytes"] > extra["denoiser_footprint_bytes"]
+    assert extra["peak_memory_measured"] is False and extra["peak_allocated_bytes"] is None  # CPU: not measured
+    assert bench["stats"]["rounds"] == 2
+
+    machine = data["machine_info"]
+    assert machine["libraries"]["diffusers"] and machine["hardware_class"] in ("cpu", "hopper", "ada", "ampere")
+    quantgate = data["quantgate"]
+    (verdict,) = quantgate["verdicts"]
+    assert verdict["passed"] and verdict["value"] == 1.0 and "gates.toml" in verdict["gate"]
+    reasons = [o["reason"] for o in quantgate["outcomes"].values() if o["outcome"] == "skipped"]
+    assert reasons == ["bnb-nf4 runs only on a CUDA GPU (diffusers' bitsandbytes quantizer refuses to load "
+                       "without a GPU); the device here is cpu"]
+
+    from quantgate.report import summary_markdown
+
+    summary = summary_markdown(data)
+    assert "| flux-schnell-tiny-bf16-eager-b1-cpu | end_to_end | 4 |" in summary
+    assert "| flux-schnell-tiny-bf16-eager-b1-cpu | transformer_footprint_reduction | 1.0000 | >= 1.0 and <= 1.0 | pass |" in summary
+    assert "bnb-nf4 runs only on a CUDA GPU" in summary
