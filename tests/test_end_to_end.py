@@ -1,13 +1,16 @@
 """Prompt to image, end to end, for every case: the pipeline runs and produces real images.
 
 Timed through pytest-benchmark (GPU synchronized, warm-up rounds); ``extra_info`` carries
-the case, the footprint of every component and the peak memory of the run.
+the case, the footprint of every component, the peak memory of the run and its FLOPs.
 """
 
 import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.perf, pytest.mark.memory]
+
+# baseline scheme -> the suffix of its speedup metrics in gates.toml
+BASELINES = {"bf16": "bf16", "bnb-nf4": "nf4"}
 
 
 def test_prompt_to_image(case, pipeline, bench, prompts):
@@ -20,3 +23,19 @@ def test_prompt_to_image(case, pipeline, bench, prompts):
     bad = int(np.size(images) - np.isfinite(images).sum())
     assert bad == 0, f"{case.id}: {bad} of {images.size} pixel values are NaN or infinite"
     assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_end_to_end_speedup(case, baseline, speedup, gates):
+    """Prompt to image is at least x times faster than with the eager baseline."""
+    gates.require(f"end_to_end_speedup_vs_{BASELINES[baseline]}", speedup("end_to_end", baseline))
+
+
+@pytest.mark.gpu_only
+def test_end_to_end_peak_memory(case, records, gates):
+    """The peak GPU memory of prompt to image stays within the card size the gate names."""
+    measured = records.get(case, "end_to_end")
+    if measured is None or measured.peak_allocated_bytes is None:
+        pytest.skip(f"{case.id} has no end-to-end run with measured GPU memory in this session")
+    gates.require("end_to_end_peak_allocated_bytes", measured.peak_allocated_bytes)

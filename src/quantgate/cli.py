@@ -4,6 +4,7 @@
     quantgate schemes [--device cuda]     schemes, and whether each can run here (or why not)
     quantgate materialize MODEL ...       build a synthetic/tiny weight directory ahead of a run
     quantgate summary BENCH.json          a Markdown summary of a run's benchmark JSON
+    quantgate merge A.json B.json -o M    join runs split over several commands into one JSON
     quantgate env                         GPU, driver, CUDA and library versions as JSON
 """
 
@@ -74,6 +75,16 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from quantgate.atomic import atomic_write_json
+    from quantgate.report import merge_benchmark_json
+
+    merged = merge_benchmark_json(args.inputs, allow_mixed_machines=args.allow_mixed_machines)
+    atomic_write_json(args.output, merged)
+    print(f"{args.output}: {len(merged['benchmarks'])} benchmarks from {len(args.inputs)} files")
+    return 0
+
+
 def _env(args: argparse.Namespace) -> int:
     from quantgate.hardware import machine_facts
 
@@ -109,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of standard output")
     p.add_argument("--title", default="quantgate run", help="the summary's heading")
     p.set_defaults(func=_summary)
+
+    p = sub.add_parser("merge", help="join benchmark JSON files of runs split over several commands")
+    p.add_argument("inputs", nargs="+", help="benchmark JSON files written by quantgate runs")
+    p.add_argument("-o", "--output", required=True, help="the merged file")
+    p.add_argument("--allow-mixed-machines", action="store_true",
+                   help="merge files from different GPUs, drivers or library versions")
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser("env", help="print GPU, driver, CUDA and library versions as JSON")
     p.set_defaults(func=_env)

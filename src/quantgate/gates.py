@@ -37,6 +37,18 @@ class Metric:
 METRICS: dict[str, Metric] = {
     "transformer_footprint_reduction": Metric(
         "x", "bytes of the denoiser in bf16 divided by its bytes as the scheme loads it"),
+    "transformer_speedup_vs_bf16": Metric(
+        "x", "median of one bf16 eager transformer forward over this case's median, same batch and shapes"),
+    "transformer_speedup_vs_nf4": Metric(
+        "x", "median of one bnb-nf4 eager transformer forward over this case's median, same batch and shapes"),
+    "end_to_end_speedup_vs_bf16": Metric(
+        "x", "median of the bf16 eager prompt-to-image call over this case's median, same batch"),
+    "end_to_end_speedup_vs_nf4": Metric(
+        "x", "median of the bnb-nf4 eager prompt-to-image call over this case's median, same batch"),
+    "end_to_end_peak_allocated_bytes": Metric(
+        "bytes", "peak bytes allocated by torch on the GPU during the timed prompt-to-image rounds"),
+    "timing_disagreement_vs_cuda_events": Metric(
+        "fraction", "|suite median - CUDA-event median| / CUDA-event median for the same transformer forward"),
     "leaked_gpu_bytes": Metric(
         "bytes", "GPU bytes still allocated after a pipeline is released, above the session's baseline"),
 }

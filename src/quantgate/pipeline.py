@@ -8,6 +8,7 @@ holds, frees the allocator's cache, and reports bytes still allocated above the 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
@@ -20,11 +21,14 @@ from packaging.version import Version
 
 from quantgate.cases import Case
 from quantgate.errors import PipelineBuildError, SourceInvalid, SourceUnavailable
+from quantgate.measure.flops import forward_flops
 from quantgate.measure.footprint import Footprint, module_footprint, reference_bytes
 from quantgate.measure.memory import allocated_bytes, release_memory, synchronize
 from quantgate.models import ModelSpec, get_model
+from quantgate.models.families import DenoiserShape, get_family, vae_scale
 from quantgate.models.sources import ResolvedSource, SourceContext, get_source
 from quantgate.schemes import Scheme, get_scheme
+from quantgate.schemes.base import QuantizationRequest
 from quantgate.variants import get_variant
 
 
@@ -48,7 +52,7 @@ class LoadedPipeline:
     load_seconds: float
     footprints: dict[str, Footprint]
     denoiser_reference_bytes: int
-    variant_notes: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -62,6 +66,41 @@ class LoadedPipeline:
         if self.pipe is None:
             raise RuntimeError(f"pipeline {self.case_key} was released")
         return self.pipe
+
+    def denoiser_shape(self, case: Case, rows_per_image: int = 1) -> DenoiserShape:
+        """The shape of one denoiser forward for ``case`` (``rows_per_image`` 2 under CFG)."""
+        vae = self._vae_config()
+        return DenoiserShape(batch=case.batch * rows_per_image, height=case.height, width=case.width,
+                             text_tokens=case.max_sequence_length, vae_scale=vae_scale(vae))
+
+    def _vae_config(self) -> dict[str, Any]:
+        return json.loads((self.source.path / "vae" / "config.json").read_text())
+
+    def denoiser_config(self) -> dict[str, Any]:
+        """The denoiser's config.json as stored in the source directory."""
+        return json.loads((self.source.path / self.spec.denoiser / "config.json").read_text())
+
+    def denoiser_inputs(self, case: Case, seed: int = 0) -> dict[str, Any]:
+        """Fixed seeded inputs for one denoiser forward at ``case``'s batch and resolution."""
+        family = get_family(self.spec.family)
+        generator = torch.Generator().manual_seed(seed)
+        return family.denoiser_inputs(self.denoiser_config(), self.denoiser_shape(case), self.device,
+                                      torch.bfloat16, generator)
+
+    def denoiser_forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """One forward of the denoiser (no autograd), returning its output tensor."""
+        with torch.inference_mode():
+            return self.denoiser(**inputs)[0]
+
+    def flops(self, case: Case, scope: str) -> int:
+        """Denoiser FLOPs of one call of ``scope``: one forward, or every step of a generation."""
+        family = get_family(self.spec.family)
+        model_class = self.spec.component(self.spec.denoiser).load_class()
+        if scope == "transformer":
+            return forward_flops(model_class, self.denoiser_config(), family, self.denoiser_shape(case))
+        rows = family.rows_per_image(case.guidance_scale)
+        per_step = forward_flops(model_class, self.denoiser_config(), family, self.denoiser_shape(case, rows))
+        return per_step * case.num_inference_steps
 
     def generate(self, case: Case, prompts: list[str], seed: int = 0) -> np.ndarray:
         """Run the pipeline from prompt strings to images: an array (batch, H, W, 3) in [0, 1]."""
@@ -83,7 +122,7 @@ class LoadedPipeline:
             "denoiser_footprint": self.denoiser_footprint.as_dict(),
             "denoiser_bf16_reference_bytes": self.denoiser_reference_bytes,
             "pipeline_footprint_bytes": sum(fp.total_bytes for fp in self.footprints.values()),
-            "variant_notes": self.variant_notes,
+            "notes": self.notes,
         }
 
 
@@ -94,15 +133,22 @@ def load_pipeline(case: Case, ctx: SourceContext) -> LoadedPipeline:
     variant = get_variant(case.variant)
     source = get_source(case.source).resolve(spec, ctx, case.device)
     kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True, "device_map": case.device}
-    quantization_config = scheme.quantization_config((spec.denoiser,))
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    request = QuantizationRequest(spec, (spec.denoiser,))
+    plan = scheme.plan(request)
+    if plan.config is not None:
+        kwargs["quantization_config"] = plan.config
     start = time.perf_counter()
     pipe = spec.pipeline_class().from_pretrained(source.path, **kwargs)
     synchronize(case.device)
     load_seconds = time.perf_counter() - start
     pipe.set_progress_bar_config(disable=True)
-    notes = variant.apply(pipe, spec.denoiser)
+    notes: dict[str, Any] = dict(plan.notes)
+    if scheme.post_load is not None:
+        start = time.perf_counter()
+        notes.update(scheme.post_load(pipe, request))
+        synchronize(case.device)
+        notes["post_load_seconds"] = round(time.perf_counter() - start, 3)
+    notes.update(variant.apply(getattr(pipe, spec.denoiser)))
     footprints = {name: module_footprint(module) for name, module in pipe.components.items()
                   if isinstance(module, torch.nn.Module)}
     denoiser = spec.component(spec.denoiser)

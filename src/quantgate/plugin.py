@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,13 +30,15 @@ from quantgate.cases import Case, Selection, build_cases
 from quantgate.errors import ConfigFileError, QuantgateError, SourceInvalid, SourceUnavailable, UnknownNameError
 from quantgate.gates import GateBook, Verdict, format_value
 from quantgate.hardware import HARDWARE_CLASSES, DeviceInfo, cuda_available, device_info, machine_facts, no_cuda_reason
-from quantgate.measure.memory import track_peak
+from quantgate.measure.flops import bf16_matmul_peak_tflops
+from quantgate.measure.memory import synchronize, track_peak
 from quantgate.measure.timing import pedantic
 from quantgate.models import ModelSpec, get_model, model_names
 from quantgate.models.registry import load_models
 from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source, pipeline_dir_problems
 from quantgate.pipeline import LoadedPipeline, PipelineCache
 from quantgate.prompts import PromptSet
+from quantgate.records import Measurement, Records
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
 from quantgate.variants import VARIANTS, get_variant
 
@@ -50,6 +53,7 @@ BASE_MARKERS = {
     "lora": "exercises LoRA loading on quantized pipelines",
     "slow": "takes minutes even on a GPU",
     "per_pipeline": "a property of the loaded pipeline: parametrized over the smallest batch only",
+    "gpu_only": "a claim about GPUs (speed, GPU memory): parametrized over the GPU tier only",
 }
 
 
@@ -186,7 +190,9 @@ class QuantgateRun:
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     releases: list[dict[str, Any]] = field(default_factory=list)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    records: Records = field(default_factory=Records)
     _devices: dict[str, DeviceInfo] = field(default_factory=dict)
+    _peaks: dict[str, float | None] = field(default_factory=dict)
     _sources: dict[tuple[str, str], str] = field(default_factory=dict)
     _prompts: PromptSet | None = None
 
@@ -214,6 +220,9 @@ class QuantgateRun:
             resolution=_resolution(_option(config, "resolution")),
         )
         cache_dir = Path(_option(config, "cache-dir") or default_cache_dir()).expanduser()
+        # Compiled kernels persist across runs next to the synthetic weights (unless the user
+        # already chose a place): the second run of a compile variant is much cheaper.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
         ctx = SourceContext(cache_dir=cache_dir, paths=_paths(config.getoption("quantgate_path")),
                             seed=_int(_option(config, "seed"), "seed", 0) or 0)
         if source == "path":
@@ -253,6 +262,12 @@ class QuantgateRun:
             self._devices[device] = device_info(device)
         return self._devices[device]
 
+    def bf16_peak_tflops(self, device: str) -> float | None:
+        """The device's measured dense bf16 matmul rate, measured once per session."""
+        if device not in self._peaks:
+            self._peaks[device] = bf16_matmul_peak_tflops(device)
+        return self._peaks[device]
+
     def hardware(self, case: Case) -> str:
         return "cpu" if case.device == "cpu" else self.device(case.device).hardware_class
 
@@ -269,12 +284,16 @@ class QuantgateRun:
         return get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Keep each test's outcome (and skip reason) for the benchmark JSON's reader."""
-        if report.when == "call" or (report.when == "setup" and not report.passed):
+        """Keep each test's outcome, skip reason and wall time (setup + call + teardown)."""
+        record = self.outcomes.setdefault(report.nodeid, {"outcome": None, "when": None, "reason": None,
+                                                          "duration_s": 0.0})
+        record["duration_s"] = round(record["duration_s"] + report.duration, 4)
+        if report.when == "call" or (report.when == "setup" and not report.passed) or (
+                report.when == "teardown" and report.failed):
             reason = None
             if report.skipped and isinstance(report.longrepr, tuple):
                 reason = report.longrepr[2].removeprefix("Skipped: ")
-            self.outcomes[report.nodeid] = {"outcome": report.outcome, "when": report.when, "reason": reason}
+            record.update(outcome=report.outcome, when=report.when, reason=reason)
 
     def summary(self) -> dict[str, Any]:
         """What quantgate adds to the benchmark JSON."""
@@ -326,7 +345,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     run = _run(metafunc.config)
     per_pipeline = metafunc.definition.get_closest_marker("per_pipeline") is not None
-    cases = build_cases(run.selection, run.choose_source, per_pipeline=per_pipeline)
+    tiers = ("gpu",) if metafunc.definition.get_closest_marker("gpu_only") else ("gpu", "cpu")
+    cases = build_cases(run.selection, run.choose_source, tiers=tiers, per_pipeline=per_pipeline)
     params = []
     for case in cases:
         marks = [getattr(pytest.mark, case.tier), getattr(pytest.mark, get_model(case.model).family)]
@@ -459,34 +479,84 @@ class Bench:
         self.benchmark, self.case, self.loaded, self.run = benchmark, case, loaded, run
 
     def __call__(self, scope: str, fn: Callable[[], T]) -> T:
-        """Time ``fn`` (``scope`` names what it covers, e.g. ``end_to_end``); return its last result."""
-        case = self.case
+        """Time ``fn`` (``scope``: ``transformer`` or ``end_to_end``); return its last result.
+
+        A first call runs outside the statistics and is reported on its own (for a compile
+        variant it is the compilation); then warm-up rounds, then the timed rounds, each
+        followed by a device synchronize.
+        """
+        case, run = self.case, self.run
         self.benchmark.group = f"{case.model}/{case.source}/{scope}/b{case.batch}/{case.device}"
+        breaks_before = _graph_breaks()
+        start = time.perf_counter()
+        fn()
+        synchronize(case.device)
+        first_call = time.perf_counter() - start
         with track_peak(case.device) as peak:
-            result = pedantic(self.benchmark, fn, case.device, rounds=self.run.rounds,
-                              warmup_rounds=self.run.warmup_rounds)
+            result = pedantic(self.benchmark, fn, case.device, rounds=run.rounds, warmup_rounds=run.warmup_rounds)
+        stats = self.benchmark.stats.stats if self.benchmark.stats is not None else None
+        flops = self.loaded.flops(case, scope)
+        peak_tflops = run.bf16_peak_tflops(case.device)
+        achieved = flops / stats.median / 1e12 if stats is not None and stats.median > 0 else None
         loaded = self.loaded.describe()
         self.benchmark.extra_info.update({
             "quantgate_version": __version__,
             "scope": scope,
             **case.as_dict(),
-            "hardware": self.run.hardware(case),
-            "device_name": self.run.device(case.device).name,
-            "rounds": self.run.rounds,
-            "warmup_rounds": self.run.warmup_rounds,
+            "hardware": run.hardware(case),
+            "device_name": run.device(case.device).name,
+            "rounds": run.rounds,
+            "warmup_rounds": run.warmup_rounds,
+            "first_call_seconds": round(first_call, 4),
+            "dynamo_graph_breaks": _graph_breaks() - breaks_before,
+            "denoiser_flops_per_call": flops,
+            "achieved_tflops": None if achieved is None else round(achieved, 2),
+            "bf16_peak_tflops_measured": None if peak_tflops is None else round(peak_tflops, 1),
+            "fraction_of_bf16_peak": None if achieved is None or not peak_tflops else round(achieved / peak_tflops, 4),
             "denoiser_footprint_bytes": self.loaded.denoiser_footprint.total_bytes,
             "pipeline_footprint_bytes": loaded["pipeline_footprint_bytes"],
             **{k: v for k, v in peak.as_dict().items() if k != "measured"},
             "peak_memory_measured": peak.peak_allocated is not None,
             "pipeline": loaded,
         })
+        if stats is not None:
+            run.records.add(Measurement(case, scope, stats.median, {k: getattr(stats, k) for k in
+                                        ("min", "max", "mean", "median", "iqr", "stddev")}, peak.peak_allocated))
         return result
+
+
+def _graph_breaks() -> int:
+    import torch._dynamo.utils
+
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 @pytest.fixture
 def bench(benchmark: Any, case: Case, pipeline: LoadedPipeline, quantgate_run: QuantgateRun) -> Bench:
     """``bench(scope, fn)``: time ``fn`` through pytest-benchmark for this case."""
     return Bench(benchmark, case, pipeline, quantgate_run)
+
+
+@pytest.fixture
+def records(quantgate_run: QuantgateRun) -> Records:
+    """Everything this session has timed so far (for tests that compare cases)."""
+    return quantgate_run.records
+
+
+@pytest.fixture
+def speedup(case: Case, records: Records) -> Callable[[str, str], float]:
+    """``speedup(scope, baseline)``: the eager ``baseline``'s median over this case's, same batch.
+
+    Skips, saying why, when either timing is missing from this session.
+    """
+
+    def compute(scope: str, baseline: str) -> float:
+        value, reason = records.speedup(case, scope, baseline)
+        if value is None:
+            pytest.skip(reason)
+        return value
+
+    return compute
 
 
 class CaseGates:

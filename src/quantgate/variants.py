@@ -1,12 +1,23 @@
-"""Execution variants of a loaded pipeline (eager today; torch.compile joins as one entry)."""
+"""Execution variants of a loaded pipeline: eager, and torch.compile of the repeated blocks.
+
+Regional compilation (each repeated transformer block compiled once and reused) is what
+diffusers recommends for FLUX and SD3: most of the speed of compiling the whole model in a
+fraction of the compile time. Compiled artifacts persist in inductor's cache (quantgate points
+``TORCHINDUCTOR_CACHE_DIR`` into its own cache), so a second run compiles far less.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from quantgate.errors import UnknownNameError
+
+COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": False, "dynamic": False, "mode": None}
 
 
 @dataclass(frozen=True)
@@ -15,12 +26,28 @@ class Variant:
 
     name: str
     summary: str
-    # Prepares the pipeline in place; returns facts to record (what was compiled, excluded...).
-    apply: Callable[[Any, str], dict[str, Any]]
+    # Prepares the denoiser in place; returns facts to record (what was compiled...).
+    apply: Callable[[torch.nn.Module], dict[str, Any]]
+
+
+def compile_repeated_blocks(denoiser: torch.nn.Module) -> dict[str, Any]:
+    """torch.compile each repeated block of ``denoiser`` in place; say which were compiled."""
+    names = tuple(getattr(denoiser, "_repeated_blocks", None) or ())
+    if names:
+        blocks = [m for m in denoiser.modules() if type(m).__name__ in names]
+    else:  # models without diffusers' _repeated_blocks: the blocks of every ModuleList child
+        blocks = [b for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for b in child]
+    if not blocks:
+        raise ValueError(f"{type(denoiser).__name__} has no repeated blocks to compile")
+    options = {k: v for k, v in COMPILE_OPTIONS.items() if v is not None}
+    for block in blocks:
+        block.compile(**options)
+    return {"compiled_blocks": dict(Counter(type(b).__name__ for b in blocks)), "compile_options": options}
 
 
 VARIANTS: dict[str, Variant] = {
-    "eager": Variant("eager", "PyTorch eager mode, no compilation", lambda pipe, denoiser: {}),
+    "eager": Variant("eager", "PyTorch eager mode, no compilation", lambda denoiser: {}),
+    "compile": Variant("compile", "torch.compile (inductor) of each repeated transformer block", compile_repeated_blocks),
 }
 
 

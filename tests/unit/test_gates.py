@@ -136,3 +136,9 @@ def test_a_missing_gates_file_says_how_to_point_at_one(tmp_path):
 def test_lookup_of_an_unknown_metric_is_a_programming_error(tmp_path):
     with pytest.raises(KeyError, match="unknown metric"):
         _book(tmp_path, GATES).lookup("speed", ATTRS)
+
+
+def test_speed_is_never_gated_on_the_cpu_tier():
+    book = GateBook.load(REPO / "fixtures" / "gates.toml", VOCABULARY)
+    timed = [g for g in book.gates if "speedup" in g.metric or "timing" in g.metric]
+    assert timed and all("hardware" in g.selectors and "cpu" not in g.selectors["hardware"] for g in timed)

@@ -98,6 +98,7 @@ def _write(path, data):
 
 def _minimal_model(name, **over):
     data = {"name": name, "family": "flux", "pipeline": "FluxPipeline", "hub_repo": "org/x", "denoiser": "transformer",
+            "per_image_linears": "norm_out\\.linear",
             "defaults": {"num_inference_steps": 4},
             "components": {"transformer": {"library": "diffusers", "class": "FluxTransformer2DModel",
                                            "role": "model", "config": {}}}}

@@ -125,6 +125,32 @@ def test_the_cpu_tier_writes_a_benchmark_json_with_quantgate_records(pytester, a
     from quantgate.report import summary_markdown
 
     summary = summary_markdown(data)
-    assert "| flux-schnell-tiny-bf16-eager-b1-cpu | end_to_end | 4 |" in summary
-    assert "| flux-schnell-tiny-bf16-eager-b1-cpu | transformer_footprint_reduction | 1.0000 | >= 1.0 and <= 1.0 | pass |" in summary
+    assert "## end_to_end" in summary and "| flux-schnell-tiny-bf16-eager-b1-cpu | " in summary
+    assert "| flux-schnell-tiny-bf16-eager-b1-cpu | transformer_footprint_reduction | 1 | >= 1 and <= 1 | pass |" in summary
     assert "bnb-nf4 runs only on a CUDA GPU" in summary
+
+
+def test_runs_split_over_commands_merge_into_one_json(pytester, args):
+    from quantgate.report import load_benchmark_json, merge_benchmark_json
+
+    pytester.makepyfile(E2E_TEST)
+    outs = []
+    for scheme in ("bf16", "int8-wo"):
+        out = pytester.path / f"{scheme}.json"
+        # Separate processes, as on separate runners (torchao's operator registrations cannot be
+        # imported twice into one process, which in-process pytester runs would do).
+        pytester.runpytest_subprocess(*args, "-m", "cpu", "--quantgate-models=flux-schnell", f"--quantgate-schemes={scheme}",
+                           "--quantgate-rounds=1", "--quantgate-warmup=0", f"--benchmark-json={out}")
+        outs.append(out)
+
+    merged = merge_benchmark_json(outs)
+
+    assert [b["extra_info"]["scheme"] for b in merged["benchmarks"]] == ["bf16", "int8-wo"]
+    assert [b["extra_info"]["quantgate_part"] for b in merged["benchmarks"]] == [0, 1]
+    assert len(merged["quantgate"]["verdicts"]) == 2 and len(merged["quantgate"]["parts"]) == 2
+    other = load_benchmark_json(outs[1])
+    other["machine_info"]["gpu"] = "NVIDIA H100 80GB HBM3"
+    mixed = pytester.path / "mixed.json"
+    mixed.write_text(json.dumps(other))
+    with pytest.raises(Exception, match="machine_info\\['gpu'\\] differs"):
+        merge_benchmark_json([outs[0], mixed])

@@ -9,7 +9,6 @@ weights, views) is counted once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -96,17 +95,21 @@ def dense_bytes(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) ->
     return total
 
 
+def meta_model(model_class: type, config: dict, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """An instance of ``model_class`` built from ``config`` on the meta device (no memory, no weights)."""
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
+    with torch.device("meta"):
+        if hasattr(model_class, "from_config") and not hasattr(model_class, "config_class"):
+            model = model_class.from_config(config)  # diffusers ModelMixin
+        else:
+            model = model_class(model_class.config_class(**config))  # transformers PreTrainedModel
+    return model.to(dtype)
+
+
 def reference_bytes(model_class: type, config_path: str | Path, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of the unquantized model described by ``config_path`` at ``dtype``.
 
     The model is instantiated on the meta device, so this costs no memory and no weights:
     it is the denominator of every memory-reduction claim ("3.6x less than BF16").
     """
-    config = json.loads(Path(config_path).read_text())
-    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
-    with torch.device("meta"), contextlib.ExitStack():
-        if hasattr(model_class, "from_config") and not hasattr(model_class, "config_class"):
-            model = model_class.from_config(config)  # diffusers ModelMixin
-        else:
-            model = model_class(model_class.config_class(**config))  # transformers PreTrainedModel
-    return dense_bytes(model, dtype)
+    return dense_bytes(meta_model(model_class, json.loads(Path(config_path).read_text()), dtype), dtype)

@@ -14,6 +14,7 @@ import copy
 import functools
 import importlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,9 @@ class ModelSpec:
     pipeline: str
     hub_repo: str
     denoiser: str
+    # Regex (full match) of the denoiser's linears that see one row per image (adaLN
+    # modulation, timestep/text embedders): GEMV-shaped, served differently by some schemes.
+    per_image_linears: str
     defaults: Mapping[str, Any]
     tiny_defaults: Mapping[str, Any]
     components: tuple[ComponentSpec, ...]
@@ -111,7 +115,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-_MODEL_KEYS = {"name", "extends", "description", "family", "pipeline", "hub_repo", "denoiser",
+_MODEL_KEYS = {"name", "extends", "description", "family", "pipeline", "hub_repo", "denoiser", "per_image_linears",
                "defaults", "tiny_defaults", "components"}
 _COMPONENT_KEYS = {"use", "library", "class", "role", "config", "tiny", "generator", "description"}
 _DEFAULT_KEYS = {"num_inference_steps", "guidance_scale", "height", "width", "max_sequence_length"}
@@ -182,11 +186,16 @@ def load_models(data_dir: Path = DATA_DIR) -> dict[str, ModelSpec]:
             pipeline=data["pipeline"],
             hub_repo=data["hub_repo"],
             denoiser=data["denoiser"],
+            per_image_linears=data["per_image_linears"],
             defaults=data["defaults"],
             tiny_defaults=data.get("tiny_defaults", {}),
             components=components,
         )
         spec.component(spec.denoiser)  # the denoiser must be one of the components
+        try:
+            re.compile(spec.per_image_linears)
+        except re.error as exc:
+            raise ConfigFileError(path, f"not a regular expression: {exc}", key="per_image_linears") from None
         models[stem] = spec
     return models
 

@@ -11,7 +11,7 @@ import importlib
 from quantgate.errors import UnknownNameError
 from quantgate.schemes.base import Requirements, Scheme
 
-_BACKENDS = ("bf16", "bitsandbytes", "torchao")
+_BACKENDS = ("bf16", "bitsandbytes", "torchao", "sparse")
 
 
 def _load() -> dict[str, Scheme]:

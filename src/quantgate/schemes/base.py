@@ -17,6 +17,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from quantgate.hardware import DeviceInfo
+from quantgate.models import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,26 @@ class Requirements:
 
 
 @dataclass(frozen=True)
+class QuantizationRequest:
+    """What a scheme is asked to quantize: which model, which of its components."""
+
+    spec: ModelSpec
+    components: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """A scheme's answer: the diffusers config to load with, and facts to record about it."""
+
+    config: Any | None  # a diffusers PipelineQuantizationConfig, or None for no quantization
+    notes: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _no_quantization(request: QuantizationRequest) -> QuantizationPlan:
+    return QuantizationPlan(None)
+
+
+@dataclass(frozen=True)
 class Scheme:
     """A registered way of loading (and quantizing) a pipeline."""
 
@@ -65,8 +86,10 @@ class Scheme:
     summary: str
     backend: str  # "none", "bitsandbytes", "torchao", ...
     requires: Requirements = field(default_factory=Requirements)
-    # Given the component names to quantize, the diffusers PipelineQuantizationConfig or None.
-    quantization_config: Callable[[tuple[str, ...]], Any | None] = lambda components: None
+    plan: Callable[[QuantizationRequest], QuantizationPlan] = _no_quantization
+    # For methods diffusers cannot express: transforms the loaded pipeline in place and
+    # returns facts to record.
+    post_load: Callable[[Any, QuantizationRequest], Mapping[str, Any]] | None = None
     markers: tuple[str, ...] = ()
     # Extra facts recorded with every result (the exact backend config used, and why).
     details: Mapping[str, Any] = field(default_factory=dict)

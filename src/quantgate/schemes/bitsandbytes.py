@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from quantgate.schemes.base import Requirements, Scheme
+from quantgate.schemes.base import QuantizationPlan, QuantizationRequest, Requirements, Scheme
 
 
-def _nf4(components: tuple[str, ...]) -> Any:
+def _nf4(request: QuantizationRequest) -> QuantizationPlan:
     import torch
     from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig
 
     # The configuration diffusers documents for FLUX: NF4 storage, bf16 compute, no double
     # quantization (so absmax stays fp32, one per 64 weights).
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return PipelineQuantizationConfig(quant_mapping={name: config for name in components})
+    return QuantizationPlan(PipelineQuantizationConfig(quant_mapping={name: config for name in request.components}))
 
 
 SCHEMES = [
@@ -27,7 +25,7 @@ SCHEMES = [
             devices=frozenset({"cuda"}),
             device_note="diffusers' bitsandbytes quantizer refuses to load without a GPU",
         ),
-        quantization_config=_nf4,
+        plan=_nf4,
         markers=("bnb",),
         details={"config": "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
                            "bnb_4bit_compute_dtype=torch.bfloat16)"},

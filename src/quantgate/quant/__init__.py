@@ -1,0 +1,1 @@
+"""quantgate's own quantizers, for methods no library in our dependency list provides."""

@@ -1,0 +1,56 @@
+"""What a session measured, kept so later tests can compare cases (speedups, agreement)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from quantgate.cases import Case
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed scope of one case."""
+
+    case: Case
+    scope: str  # "transformer" or "end_to_end"
+    median_s: float
+    stats: dict[str, float]
+    peak_allocated_bytes: int | None
+
+
+def _key(case: Case, scope: str, scheme: str | None = None, variant: str | None = None) -> tuple:
+    return (case.device, case.model, case.source, scope, case.batch, scheme or case.scheme, variant or case.variant)
+
+
+@dataclass
+class Records:
+    """Measurements of this session, by case and scope."""
+
+    measurements: dict[tuple, Measurement] = field(default_factory=dict)
+
+    def add(self, measurement: Measurement) -> None:
+        self.measurements[_key(measurement.case, measurement.scope)] = measurement
+
+    def get(self, case: Case, scope: str, scheme: str | None = None, variant: str | None = None) -> Measurement | None:
+        """The measurement of ``case`` (or of its ``scheme``/``variant`` sibling at the same batch)."""
+        return self.measurements.get(_key(case, scope, scheme, variant))
+
+    def speedup(self, case: Case, scope: str, baseline: str, baseline_variant: str = "eager") -> tuple[float | None, str]:
+        """Baseline median / this case's median, or None and the reason there is none."""
+        own = self.get(case, scope)
+        if case.scheme == baseline and case.variant == baseline_variant:
+            return None, f"{case.id} is the {baseline} {baseline_variant} baseline itself"
+        if own is None:
+            return None, (f"{case.id} has no {scope} timing in this session (its timing test was skipped, "
+                          f"failed or deselected)")
+        base = self.get(case, scope, baseline, baseline_variant)
+        if base is None:
+            return None, (f"no {baseline} {baseline_variant} {scope} timing for {case.model} at batch {case.batch} "
+                          f"on {case.device} in this session: include {baseline} in --quantgate-schemes and "
+                          f"{baseline_variant} in --quantgate-variants")
+        return base.median_s / own.median_s, ""
+
+    def as_list(self) -> list[dict[str, Any]]:
+        return [{"case": m.case.id, "scope": m.scope, "median_s": m.median_s,
+                 "peak_allocated_bytes": m.peak_allocated_bytes} for m in self.measurements.values()]
