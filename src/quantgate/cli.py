@@ -3,7 +3,9 @@
     quantgate models                      registered models and their defaults
     quantgate schemes [--device cuda]     schemes, and whether each can run here (or why not)
     quantgate materialize MODEL ...       build a synthetic/tiny weight directory ahead of a run
-    quantgate summary BENCH.json          a Markdown summary of a run's benchmark JSON
+    quantgate report BENCH.json -o DIR    HTML report + Markdown twin (checklist, plots, recommendations)
+    quantgate summary BENCH.json          the report's Markdown twin on standard output
+    quantgate compare OLD.json NEW.json   noise-aware comparison across commits; exit 1 on a regression
     quantgate merge A.json B.json -o M    join runs split over several commands into one JSON
     quantgate env                         GPU, driver, CUDA and library versions as JSON
 """
@@ -63,16 +65,67 @@ def _materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plans(path: str | None) -> "Plans":  # noqa: F821 - imported lazily
+    from quantgate.report.plans import load_plans
+
+    plans = Path(path) if path else Path("fixtures/plans.toml")
+    if not plans.is_file():
+        raise QuantgateError(f"{plans} not found: pass --plans FILE (the repository's fixtures/plans.toml)")
+    return load_plans(plans)
+
+
 def _summary(args: argparse.Namespace) -> int:
     from quantgate.atomic import atomic_write_text
-    from quantgate.report import load_benchmark_json, summary_markdown
+    from quantgate.report import load_runs
+    from quantgate.report.build import build_report
+    from quantgate.report.document import to_markdown
 
-    text = summary_markdown(load_benchmark_json(args.benchmark_json), title=args.title)
+    text = to_markdown(build_report(load_runs(args.benchmark_json), _plans(args.plans), args.title))
     if args.output:
         atomic_write_text(args.output, text)
     else:
         print(text, end="")
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from quantgate.report import load_runs
+    from quantgate.report.build import write_report
+
+    html_file, md_file = write_report(load_runs(args.benchmark_json), _plans(args.plans), args.title, args.output)
+    print(f"{html_file}\n{md_file}")
+    if args.screenshot:
+        from quantgate.report.browser import screenshot
+
+        print(screenshot(html_file, Path(args.output) / "report.png", height=args.screenshot_height))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from quantgate.atomic import atomic_write_text
+    from quantgate.report.compare import as_text, compare_runs, exit_code, history_files, load_history, render
+    from quantgate.report.document import to_html, to_markdown
+
+    if args.storage:
+        files = history_files(args.storage)
+        if args.runs:
+            raise QuantgateError("give either --storage or benchmark files, not both")
+    else:
+        files = [Path(p) for p in args.runs]
+        if len(files) < 2:
+            raise QuantgateError("compare needs two benchmark files (BASE NEW ...) or --storage DIR")
+    history = load_history(files)
+    (base_label, base), (new_label, new) = history[-2], history[-1]
+    comparison = compare_runs(base, new, tolerance=args.tolerance / 100, figure_tolerance=args.memory_tolerance / 100,
+                              allow_cross_hardware=args.allow_cross_hardware, base_label=base_label,
+                              new_label=new_label)
+    print(as_text(comparison), end="")
+    if args.output:
+        doc = render(comparison, history, title=f"quantgate compare: {base_label} -> {new_label}")
+        out = Path(args.output)
+        atomic_write_text(out / "compare.html", to_html(doc))
+        atomic_write_text(out / "compare.md", to_markdown(doc))
+    return exit_code(comparison)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -115,11 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="where to generate the weights (default: cuda if present)")
     p.set_defaults(func=_materialize)
 
-    p = sub.add_parser("summary", help="a Markdown summary of a benchmark JSON written by a quantgate run")
-    p.add_argument("benchmark_json", help="the file given to pytest --benchmark-json")
+    p = sub.add_parser("report", help="an HTML report and its Markdown twin from benchmark JSON files")
+    p.add_argument("benchmark_json", nargs="+", help="files written by pytest --benchmark-json (merged if several)")
+    p.add_argument("-o", "--output", required=True, help="directory for report.html and report.md")
+    p.add_argument("--title", default="quantgate report", help="the report's heading")
+    p.add_argument("--plans", help="success criteria and budgets (default: fixtures/plans.toml)")
+    p.add_argument("--screenshot", action="store_true", help="also render report.png in headless Chromium")
+    p.add_argument("--screenshot-height", type=int, default=2400, help="pixels (default: 2400)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("summary", help="the report's Markdown twin on standard output")
+    p.add_argument("benchmark_json", nargs="+", help="files written by pytest --benchmark-json")
     p.add_argument("-o", "--output", help="write here instead of standard output")
     p.add_argument("--title", default="quantgate run", help="the summary's heading")
+    p.add_argument("--plans", help="success criteria and budgets (default: fixtures/plans.toml)")
     p.set_defaults(func=_summary)
+
+    p = sub.add_parser("compare", help="noise-aware comparison of benchmark runs across commits; exit 1 on regression")
+    p.add_argument("runs", nargs="*", help="benchmark JSON files, oldest first; the last two are compared")
+    p.add_argument("--storage", help="a pytest-benchmark storage directory (--benchmark-storage) to read instead")
+    p.add_argument("--tolerance", type=float, default=5.0,
+                   help="percent a median may move outside the noise before it counts (default: 5)")
+    p.add_argument("--memory-tolerance", type=float, default=1.0,
+                   help="percent memory and quality figures may move (default: 1)")
+    p.add_argument("--allow-cross-hardware", action="store_true", help="compare runs from different GPU classes")
+    p.add_argument("-o", "--output", help="directory for compare.html (with trend plots) and compare.md")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("merge", help="join benchmark JSON files of runs split over several commands")
     p.add_argument("inputs", nargs="+", help="benchmark JSON files written by quantgate runs")

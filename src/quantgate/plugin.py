@@ -191,6 +191,7 @@ class QuantgateRun:
     releases: list[dict[str, Any]] = field(default_factory=list)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     records: Records = field(default_factory=Records)
+    case_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)  # nodeid -> its case, for outcomes
     _devices: dict[str, DeviceInfo] = field(default_factory=dict)
     _peaks: dict[str, float | None] = field(default_factory=dict)
     _sources: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -286,7 +287,7 @@ class QuantgateRun:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Keep each test's outcome, skip reason and wall time (setup + call + teardown)."""
         record = self.outcomes.setdefault(report.nodeid, {"outcome": None, "when": None, "reason": None,
-                                                          "duration_s": 0.0})
+                                                          "duration_s": 0.0, **self.case_attrs.get(report.nodeid, {})})
         record["duration_s"] = round(record["duration_s"] + report.duration, 4)
         if report.when == "call" or (report.when == "setup" and not report.passed) or (
                 report.when == "teardown" and report.failed):
@@ -369,6 +370,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return (0, 0, order[id(item)]) if case is None else (1, groups[case.pipeline_key], order[id(item)])
 
     items.sort(key=key)
+    run = _run(config)
+    for item in items:
+        case = _case_of(item)
+        if case is not None:
+            run.case_attrs[item.nodeid] = {"test": item.originalname, "case": case.id, "model": case.model,
+                                           "source": case.source, "scheme": case.scheme, "variant": case.variant,
+                                           "batch": case.batch, "device": case.device}
 
 
 @pytest.hookimpl(trylast=True)
@@ -572,7 +580,8 @@ class CaseGates:
             pytest.skip(f"no {metric} gate matches {self.case.id} on {hardware} in {self.run.gates.path}: "
                         f"add a [[gate]] entry to enforce one")
         verdict = gate.check(float(value), subject=self.case.id)
-        record = {"nodeid": self.node.nodeid, "case": self.case.id, "hardware": hardware, **verdict.as_dict(),
+        record = {"nodeid": self.node.nodeid, "case": self.case.id, "hardware": hardware,
+                  **self.case.gate_attrs(hardware), "device": self.case.device, **verdict.as_dict(),
                   "message": verdict.message}
         self.run.verdicts.append(record)
         self.node.user_properties.append(("quantgate_verdict", record))

@@ -98,7 +98,9 @@ def test_the_gpu_tier_skips_cleanly_without_a_gpu(pytester, args):
 def test_the_cpu_tier_writes_a_benchmark_json_with_quantgate_records(pytester, args):
     pytester.makepyfile(E2E_TEST)
     out = pytester.path / "out.json"
-    result = pytester.runpytest(*args, "-m", "cpu", "--quantgate-models=flux-schnell",
+    # A separate process: an in-process run would import torchao and diffusers' models inside
+    # pytester's module snapshot, and their operator registrations cannot happen twice.
+    result = pytester.runpytest_subprocess(*args, "-m", "cpu", "--quantgate-models=flux-schnell",
                                 "--quantgate-schemes=bf16,bnb-nf4", "--quantgate-rounds=2", f"--benchmark-json={out}")
     result.assert_outcomes(passed=1, skipped=1)
     data = json.loads(out.read_text())
@@ -122,11 +124,15 @@ def test_the_cpu_tier_writes_a_benchmark_json_with_quantgate_records(pytester, a
     assert reasons == ["bnb-nf4 runs only on a CUDA GPU (diffusers' bitsandbytes quantizer refuses to load "
                        "without a GPU); the device here is cpu"]
 
-    from quantgate.report import summary_markdown
+    from quantgate.report import load_runs
+    from quantgate.report.build import build_report
+    from quantgate.report.document import to_markdown
+    from quantgate.report.plans import load_plans
 
-    summary = summary_markdown(data)
-    assert "## end_to_end" in summary and "| flux-schnell-tiny-bf16-eager-b1-cpu | " in summary
-    assert "| flux-schnell-tiny-bf16-eager-b1-cpu | transformer_footprint_reduction | 1 | >= 1 and <= 1 | pass |" in summary
+    summary = to_markdown(build_report(load_runs([out]), load_plans(REPO / "fixtures" / "plans.toml"), "cpu run"))
+    assert "end to end: flux-schnell (tiny), batch 1, cpu" in summary and "| bf16 eager | " in summary
+    assert ("| flux-schnell-tiny-bf16-eager-b1-cpu | transformer_footprint_reduction | 1.000x | >= 1.000x and "
+            "<= 1.000x | pass |") in summary
     assert "bnb-nf4 runs only on a CUDA GPU" in summary
 
 

@@ -1,6 +1,6 @@
-"""Rendering of benchmark results for people, and joining runs split over several commands."""
+"""Reports people read (HTML and a Markdown twin), benchmark history comparison, merging runs."""
 
 from quantgate.report.merge import merge_benchmark_json
-from quantgate.report.summary import load_benchmark_json, summary_markdown
+from quantgate.report.runs import RunSet, load_benchmark_json, load_runs
 
-__all__ = ["load_benchmark_json", "merge_benchmark_json", "summary_markdown"]
+__all__ = ["RunSet", "load_benchmark_json", "load_runs", "merge_benchmark_json"]

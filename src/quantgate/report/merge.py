@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import ConfigFileError
-from quantgate.report.summary import load_benchmark_json
+from quantgate.report.runs import load_benchmark_json
 
 _SAME_MACHINE = ("gpu", "hardware_class", "nvidia_driver", "cuda_runtime", "libraries")
 

@@ -1,0 +1,178 @@
+"""Assemble the report of one or more quantgate runs: checklist, recommendations, performance
+matrix, memory, batch scaling, quality, gates, skips. Every number comes from the JSON."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from quantgate.gates import METRICS, format_value
+from quantgate.report import plots
+from quantgate.report.document import Bullets, Document, Figure, Paragraph, Section, Table
+from quantgate.report.plans import Plans, evaluate
+from quantgate.report.recommend import recommendations
+from quantgate.report.runs import Result, RunSet
+
+GIB = 2**30
+STATUS_CLASS = {"pass": "pass", "fail": "fail", "skipped": "skip", "not measured": "skip", "partial": "skip"}
+QUALITY_KEYS = ("quality_relative_error", "quality_psnr_db", "quality_ssim", "quality_lpips", "quality_clip_score")
+
+
+def _gib(value: int | None) -> str:
+    return "–" if value is None else f"{value / GIB:.2f}"
+
+
+def _x(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _run_section(runs: RunSet) -> Section:
+    m = runs.machine
+    libs = ", ".join(f"{k} {v}" for k, v in (m.get("libraries") or {}).items() if v)
+    items = [f"device: {m.get('gpu') or 'CPU'} ({m.get('hardware_class')}), NVIDIA driver {m.get('nvidia_driver')}, "
+             f"CUDA {m.get('cuda_runtime')}", f"libraries: {libs}"]
+    for index, part in enumerate(runs.parts):
+        sel = part.get("selection") or {}
+        items.append(f"part {index}: commit {part.get('commit')}, {part.get('datetime')}, {sel.get('rounds')} timed "
+                     f"rounds after {sel.get('warmup_rounds')} warm-up round(s) and one untimed first call; models "
+                     f"{', '.join(sel.get('models') or [])}; variants {', '.join(sel.get('variants') or [])}; "
+                     f"batches {', '.join(map(str, sel.get('batches') or []))}")
+    peaks = sorted({r.extra.get("bf16_peak_tflops_measured") for r in runs.results} - {None})
+    if peaks:
+        items.append("measured dense bf16 matmul rate (8192x8192x8192, median of 20): "
+                     + ", ".join(f"{p:.0f}" for p in peaks) + " TFLOP/s")
+    return Section("Run", [Bullets(items)])
+
+
+def _checklist(runs: RunSet, plans: Plans) -> Section:
+    blocks = []
+    for plan in plans.plans:
+        rows, classes = [], []
+        for criterion in plan.criteria:
+            result = evaluate(criterion, runs)
+            rows.append([criterion.claim, result.status, "; ".join(result.evidence[:6])
+                         + (f"; and {len(result.evidence) - 6} more" if len(result.evidence) > 6 else "")])
+            classes.append(STATUS_CLASS[result.status])
+        blocks += [Paragraph(plan.name), Table(["criterion", "status", "evidence"], rows, classes)]
+    return Section("Success criteria", blocks)
+
+
+def _performance(runs: RunSet) -> Section:
+    blocks = []
+    for scope in ("end_to_end", "transformer"):
+        chosen = [r for r in runs.results if r.scope == scope]
+        if not chosen:
+            continue
+        groups: dict[tuple, list[Result]] = defaultdict(list)
+        for r in chosen:
+            groups[(r.model, r.source, r.batch, r.device)].append(r)
+        for (model, source, batch, device), results in sorted(groups.items()):
+            rows = []
+            for r in sorted(results, key=lambda r: (r.scheme, r.variant, r.part)):
+                rows.append([r.label + (f" (part {r.part})" if len(runs.parts) > 1 else ""), f"{r.median:.4f}",
+                             f"{r.iqr:.4f}", f"{r.min:.4f} – {r.max:.4f}", _x(runs.speedup(r, "bf16")),
+                             _x(runs.speedup(r, "bnb-nf4")), "–" if r.tflops is None else f"{r.tflops:.1f}",
+                             "–" if r.peak_fraction is None else f"{100 * r.peak_fraction:.1f}%",
+                             "–" if r.first_call_s is None else f"{r.first_call_s:.2f}"])
+            blocks += [Paragraph(f"{scope.replace('_', ' ')}: {model} ({source}), batch {batch}, {device}"),
+                       Table(["scheme / variant", "median s", "IQR s", "min – max s", "vs bf16 eager",
+                              "vs NF4 eager", "TFLOP/s", "of bf16 peak", "first call s"], rows)]
+        svg = plots.latency_bars(runs.results, scope)
+        if svg:
+            blocks.append(Figure(svg, f"{scope.replace('_', ' ')}: median time per call at the smallest batch, "
+                                      "IQR as error bars; compiled variants in green"))
+    return Section("Performance", blocks or [Paragraph("No timings in these runs.")])
+
+
+def _memory(runs: RunSet, plans: Plans) -> Section:
+    rows = []
+    seen = set()
+    for r in sorted(runs.results, key=lambda r: (r.model, r.scheme, r.variant, r.batch)):
+        if r.scope != "end_to_end" or (r.model, r.scheme, r.variant, r.batch) in seen:
+            continue
+        seen.add((r.model, r.scheme, r.variant, r.batch))
+        reference = r.extra.get("pipeline", {}).get("denoiser_bf16_reference_bytes")
+        rows.append([r.model, r.label, str(r.batch), _gib(r.footprint),
+                     _x(reference / r.footprint if reference and r.footprint else None), _gib(r.pipeline_footprint),
+                     _gib(r.peak_allocated), _gib(r.peak_reserved)])
+    blocks = [Table(["model", "scheme / variant", "batch", "transformer GiB", "reduction vs bf16", "pipeline GiB",
+                     "peak allocated GiB", "peak reserved GiB"], rows)] if rows else []
+    svg = plots.memory_bars(runs.results, plans.memory_reduction_line)
+    if svg:
+        blocks.append(Figure(svg, f"transformer footprint and peak memory of prompt to image (eager, smallest batch); "
+                                  f"dashed: bf16 footprint / {plans.memory_reduction_line:g}"))
+    return Section("Memory", blocks or [Paragraph("No end-to-end runs in these runs.")])
+
+
+def _batch_scaling(runs: RunSet) -> Section:
+    svg = plots.batch_scaling(runs.results)
+    if svg is None:
+        return Section("Batch scaling", [Paragraph("No scheme was measured at more than one batch size.")])
+    return Section("Batch scaling", [Figure(svg, "transformer forward: milliseconds per image against batch size; "
+                                                 "error bars: IQR")])
+
+
+def _quality(runs: RunSet) -> Section:
+    rows = [[r.case_id, *("–" if r.extra.get(k) is None else f"{r.extra[k]:.4g}" for k in QUALITY_KEYS)]
+            for r in runs.results if any(r.extra.get(k) is not None for k in QUALITY_KEYS)]
+    if not rows:
+        return Section("Quality", [Paragraph("These runs measured no image quality (no relative error, PSNR, SSIM, "
+                                             "LPIPS or CLIP score in the results), so no sample grids either.")])
+    return Section("Quality", [Table(["case", "relative error", "PSNR dB", "SSIM", "LPIPS", "CLIP score"], rows)])
+
+
+def _gates(runs: RunSet) -> Section:
+    rows, classes = [], []
+    for v in runs.verdicts:
+        unit = METRICS[v["metric"]].unit if v["metric"] in METRICS else ""
+        bounds = " and ".join(b for b in (f">= {format_value(v['min'], unit)}" if v["min"] is not None else "",
+                                          f"<= {format_value(v['max'], unit)}" if v["max"] is not None else "") if b)
+        rows.append([v["case"], v["metric"], format_value(v["value"], unit), bounds, "pass" if v["passed"] else "FAIL",
+                     v["gate"], v.get("why", "")])
+        classes.append("pass" if v["passed"] else "fail")
+    if not rows:
+        return Section("Gates", [Paragraph("No gate was checked in these runs.")])
+    passed = sum(v["passed"] for v in runs.verdicts)
+    return Section("Gates", [Paragraph(f"{passed} of {len(rows)} gate checks passed."),
+                             Table(["case", "metric", "measured", "required", "verdict", "gate", "why"], rows, classes)])
+
+
+def _skips(runs: RunSet) -> Section:
+    rows, classes = [], []
+    for o in runs.outcomes:
+        if o["outcome"] in ("skipped", "failed"):
+            rows.append([o["nodeid"], o["outcome"], o.get("reason") or f"failed in {o.get('when')}"])
+            classes.append("skip" if o["outcome"] == "skipped" else "fail")
+    leaks = [[r["pipeline"], f"{r['leaked_bytes'] / 2**20:.1f} MiB",
+              {True: "pass", False: "FAIL", None: "no gate"}[r.get("passed")]] for r in runs.releases]
+    blocks = [Table(["test", "outcome", "reason"], rows, classes)] if rows else [Paragraph("Nothing skipped or failed.")]
+    if leaks:
+        blocks += [Paragraph("GPU memory still allocated after each pipeline was released:"),
+                   Table(["pipeline", "left allocated", "verdict"], leaks)]
+    return Section("Skipped, failed and left behind", blocks)
+
+
+def build_report(runs: RunSet, plans: Plans, title: str) -> Document:
+    """The report document of ``runs``."""
+    return Document(title, [
+        _run_section(runs),
+        _checklist(runs, plans),
+        Section("Recommendations", [Bullets(recommendations(runs, plans.budgets) or ["No results to recommend from."])]),
+        _performance(runs),
+        _memory(runs, plans),
+        _batch_scaling(runs),
+        _quality(runs),
+        _gates(runs),
+        _skips(runs),
+    ])
+
+
+def write_report(runs: RunSet, plans: Plans, title: str, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` into ``out_dir`` (atomically)."""
+    from quantgate.atomic import atomic_write_text
+    from quantgate.report.document import to_html, to_markdown
+
+    doc = build_report(runs, plans, title)
+    out_dir = Path(out_dir)
+    return (atomic_write_text(out_dir / "report.html", to_html(doc)),
+            atomic_write_text(out_dir / "report.md", to_markdown(doc)))

@@ -1,0 +1,115 @@
+"""The plans' success criteria (fixtures/plans.toml), filled in from a run's verdicts and outcomes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantgate.errors import ConfigFileError
+from quantgate.report.runs import RunSet
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SELECTOR_KEYS = ("model", "source", "scheme", "variant", "batch", "hardware")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    claim: str
+    metric: str | None
+    test: str | None
+    selectors: Mapping[str, tuple[Any, ...]]
+    each: str | None = None  # a selector every listed value of which must be covered
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        return all(record.get(k) in v for k, v in self.selectors.items())
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    criteria: tuple[Criterion, ...]
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Plans:
+    plans: tuple[Plan, ...]
+    budgets: tuple[Budget, ...]
+    memory_reduction_line: float = 3.5
+
+
+def load_plans(path: str | Path) -> Plans:
+    """Read and validate fixtures/plans.toml."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigFileError(path, f"cannot read plans: {exc}") from None
+    plans = []
+    for p in data.get("plan", []):
+        criteria = []
+        for c in p.get("criterion", []):
+            unknown = set(c) - {"claim", "metric", "test", "each", *SELECTOR_KEYS}
+            if unknown or "claim" not in c or not (c.get("metric") or c.get("test")):
+                raise ConfigFileError(path, f"criterion {c.get('claim')!r} needs a claim and a metric or test"
+                                      + (f"; unknown keys {sorted(unknown)}" if unknown else ""), key=p.get("name"))
+            selectors = {k: tuple(c[k] if isinstance(c[k], list) else [c[k]]) for k in SELECTOR_KEYS if k in c}
+            if c.get("each") and c["each"] not in selectors:
+                raise ConfigFileError(path, f"criterion {c['claim']!r}: each = {c['each']!r} names no selector",
+                                      key=p.get("name"))
+            criteria.append(Criterion(c["claim"], c.get("metric"), c.get("test"), selectors, c.get("each")))
+        plans.append(Plan(p["name"], tuple(criteria)))
+    budgets = tuple(Budget(b["name"], int(b["bytes"])) for b in data.get("budget", []))
+    line = float(data.get("report", {}).get("memory_reduction_line", 3.5))
+    return Plans(tuple(plans), budgets, line)
+
+
+@dataclass
+class Evaluation:
+    """A criterion's status in a run: pass, fail, skipped or not measured, and the evidence."""
+
+    criterion: Criterion
+    status: str
+    evidence: list[str] = field(default_factory=list)
+
+
+def evaluate(criterion: Criterion, runs: RunSet) -> Evaluation:
+    """Decide ``criterion`` from the gate verdicts first, then from the matching tests' outcomes."""
+    if criterion.metric:
+        verdicts = [v for v in runs.verdicts if v["metric"] == criterion.metric and criterion.matches(v)]
+        if verdicts:
+            evidence = [f"{v['case']}: {v['value']:.4g} ({'pass' if v['passed'] else 'FAIL'}, {v['gate']})"
+                        for v in verdicts]
+            return Evaluation(criterion, "pass" if all(v["passed"] for v in verdicts) else "fail", evidence)
+    outcomes = [o for o in runs.outcomes if (criterion.test is None or o.get("test") == criterion.test)
+                and criterion.matches(o)]
+    if not outcomes:
+        return Evaluation(criterion, "not measured", ["no test in these runs measured it"])
+    failed = [o for o in outcomes if o["outcome"] == "failed"]
+    passed = [o for o in outcomes if o["outcome"] == "passed"]
+    if failed:
+        return Evaluation(criterion, "fail", [f"{o.get('case', o['nodeid'])}: failed in {o.get('when')}" for o in failed])
+    if passed and not criterion.metric:
+        evidence = [f"{o.get('case', o['nodeid'])}: passed" for o in passed]
+        if criterion.each:
+            missing = [v for v in criterion.selectors[criterion.each] if v not in {o.get(criterion.each) for o in passed}]
+            if missing:
+                return Evaluation(criterion, "partial", [f"no passing run at {criterion.each} {', '.join(map(str, missing))}",
+                                                         *evidence])
+        return Evaluation(criterion, "pass", evidence)
+    reasons = sorted({o.get("reason") or "" for o in outcomes if o["outcome"] == "skipped"})
+    if reasons:
+        return Evaluation(criterion, "skipped", reasons)
+    return Evaluation(criterion, "not measured", ["its tests ran but recorded no gate verdict for it"])

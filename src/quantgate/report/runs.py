@@ -1,0 +1,159 @@
+"""Benchmark JSON files of quantgate runs, read into results a report or a comparison uses.
+
+Older files (before verdicts and outcomes carried their case's attributes) are completed from
+the benchmarks of the same case id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantgate.errors import ConfigFileError
+
+CASE_FIELDS = ("model", "source", "scheme", "variant", "batch", "device")
+
+
+def load_benchmark_json(path: str | Path) -> dict[str, Any]:
+    """Read a benchmark JSON; refuse files that quantgate did not write."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigFileError(path, f"cannot read benchmark JSON: {exc}") from None
+    if not isinstance(data, dict) or "benchmarks" not in data or "quantgate" not in data:
+        raise ConfigFileError(path, "not a benchmark JSON written by a quantgate run "
+                              "(pytest --benchmark-json with the quantgate plugin)")
+    return data
+
+
+@dataclass(frozen=True)
+class Result:
+    """One timed scope of one case, as recorded."""
+
+    part: int
+    name: str
+    case_id: str
+    scope: str
+    model: str
+    source: str
+    scheme: str
+    variant: str
+    batch: int
+    device: str
+    hardware: str
+    steps: int | None
+    median: float
+    min: float
+    max: float
+    iqr: float
+    q1: float
+    q3: float
+    stddev: float
+    rounds: int
+    first_call_s: float | None
+    flops: int | None
+    tflops: float | None
+    peak_fraction: float | None
+    footprint: int | None
+    pipeline_footprint: int | None
+    peak_allocated: int | None
+    peak_reserved: int | None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.scheme} {self.variant}"
+
+    def attrs(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (*CASE_FIELDS, "hardware", "scope")}
+
+
+def result_from_benchmark(bench: dict[str, Any], part: int = 0) -> Result | None:
+    """A Result from one pytest-benchmark entry; None for benchmarks quantgate did not write."""
+    e, s = bench.get("extra_info", {}), bench["stats"]
+    if "scope" not in e or "model" not in e:
+        return None
+    return Result(
+        part=e.get("quantgate_part", part), name=bench.get("fullname", bench["name"]), case_id=e.get("id", bench["name"]),
+        scope=e["scope"], model=e["model"], source=e.get("source", ""), scheme=e.get("scheme", ""),
+        variant=e.get("variant", ""), batch=int(e.get("batch", 1)), device=e.get("device", ""),
+        hardware=e.get("hardware", ""), steps=e.get("num_inference_steps"), median=s["median"], min=s["min"],
+        max=s["max"], iqr=s["iqr"], q1=s.get("q1", s["median"]), q3=s.get("q3", s["median"]), stddev=s["stddev"], rounds=s["rounds"], first_call_s=e.get("first_call_seconds"),
+        flops=e.get("denoiser_flops_per_call"), tflops=e.get("achieved_tflops"),
+        peak_fraction=e.get("fraction_of_bf16_peak"), footprint=e.get("denoiser_footprint_bytes"),
+        pipeline_footprint=e.get("pipeline_footprint_bytes"), peak_allocated=e.get("peak_allocated_bytes"),
+        peak_reserved=e.get("peak_reserved_bytes"), extra=e,
+    )
+
+
+@dataclass
+class RunSet:
+    """One or more runs (merged), ready for a report."""
+
+    data: dict[str, Any]
+    results: list[Result]
+    verdicts: list[dict[str, Any]]
+    outcomes: list[dict[str, Any]]
+    releases: list[dict[str, Any]]
+    parts: list[dict[str, Any]]
+
+    @property
+    def machine(self) -> dict[str, Any]:
+        return self.data.get("machine_info", {})
+
+    def baseline(self, result: Result, scheme: str, variant: str = "eager") -> Result | None:
+        """The ``scheme``/``variant`` result with the same model, source, scope, batch and device
+        (from the same part when there is one)."""
+        candidates = [r for r in self.results if r.scheme == scheme and r.variant == variant and
+                      (r.model, r.source, r.scope, r.batch, r.device) ==
+                      (result.model, result.source, result.scope, result.batch, result.device)]
+        same_part = [r for r in candidates if r.part == result.part]
+        return (same_part or candidates or [None])[0]
+
+    def speedup(self, result: Result, scheme: str) -> float | None:
+        base = self.baseline(result, scheme)
+        return None if base is None else base.median / result.median
+
+
+def _case_ids(results: Iterable[Result]) -> dict[str, dict[str, Any]]:
+    return {r.case_id: {k: getattr(r, k) for k in CASE_FIELDS} for r in results}
+
+
+def _node_case(node: str) -> str | None:
+    found = re.search(r"\[([^\]]+)\]", node)
+    return found.group(1) if found else None
+
+
+def load_runs(paths: list[str | Path]) -> RunSet:
+    """Read one benchmark JSON, or merge several, into a RunSet."""
+    from quantgate.report.merge import merge_benchmark_json
+
+    data = load_benchmark_json(paths[0]) if len(paths) == 1 else merge_benchmark_json(list(paths))
+    results = [r for r in (result_from_benchmark(b) for b in data["benchmarks"]) if r is not None]
+    ids = _case_ids(results)
+    q = data["quantgate"]
+    verdicts = []
+    for v in q.get("verdicts", []):
+        completed = {**ids.get(v.get("case"), {}), **v}
+        verdicts.append(completed)
+    outcomes = []
+    for node, o in q.get("outcomes", {}).items():
+        record = {"nodeid": node, **o}
+        if "model" not in record:
+            case = _node_case(node)
+            # a case id ends with the device; parametrized extras (e.g. "-bf16" baselines) follow it
+            for case_id, attrs in ids.items():
+                if case and case.startswith(case_id):
+                    record.update({"case": case_id, **attrs})
+                    break
+        if "test" not in record:
+            record["test"] = node.split("::")[-1].split("[")[0]
+        outcomes.append(record)
+    parts = q.get("parts") or [{"file": Path(paths[0]).name, "datetime": data.get("datetime"),
+                                "commit": data.get("commit_info", {}).get("id"), "selection": q.get("selection")}]
+    return RunSet(data, results, verdicts, outcomes, q.get("releases", []), parts)

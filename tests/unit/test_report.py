@@ -1,0 +1,177 @@
+"""Reports and history comparison, from recorded benchmark JSON (real H200 and CPU runs)."""
+
+import json
+import shutil
+import statistics
+
+import pytest
+
+from quantgate.cli import main
+from quantgate.errors import ConfigFileError
+from quantgate.report import load_runs
+from quantgate.report.browser import find_browser, rendered_dom, screenshot
+from quantgate.report.build import build_report, write_report
+from quantgate.report.compare import compare_runs, exit_code, history_files, judge_time
+from quantgate.report.document import Table, to_html, to_markdown
+from quantgate.report.plans import evaluate, load_plans
+
+from tests.conftest import REPO
+
+H200_RUN = REPO / "reports" / "torchao-flux-h200-2026-11-21" / "benchmark.json"
+HISTORY = REPO / "tests" / "fixtures" / "history"
+PLANS = REPO / "fixtures" / "plans.toml"
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return load_runs([H200_RUN])
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return load_plans(PLANS)
+
+
+def _criterion(plans, claim_start):
+    return next(c for p in plans.plans for c in p.criteria if c.claim.startswith(claim_start))
+
+
+def test_checklist_decides_from_verdicts_and_outcomes(runs, plans):
+    assert evaluate(_criterion(plans, "FP8 row-wise + compile speeds up"), runs).status == "fail"
+    assert evaluate(_criterion(plans, "FP8 (row-wise and tensor-wise) halves"), runs).status == "pass"
+    batches = evaluate(_criterion(plans, "Measured at batch sizes"), runs)
+    assert batches.status == "partial" and "no passing run at batch 4, 8" in batches.evidence[0]
+    svdquant = evaluate(_criterion(plans, "3.5-3.6x less"), runs)
+    assert svdquant.status == "not measured"
+
+
+def test_recommendations_come_from_the_measured_data(runs, plans):
+    doc = build_report(runs, plans, "H200")
+    (recs,) = [s for s in doc.sections if s.title == "Recommendations"]
+    lines = recs.blocks[0].items
+    budget = plans.budgets[0]
+    fitting = [r for r in runs.results if r.scope == "end_to_end" and r.batch == 1 and r.peak_allocated is not None
+               and r.peak_allocated <= budget.bytes]
+    best = min(fitting, key=lambda r: r.median)
+    assert any(f"fastest within {budget.name}" in line and f"{best.scheme} ({best.variant}): {best.median:.3f} s" in line
+               for line in lines)
+    assert lines[-1].startswith("Image quality was not measured")
+
+
+def test_html_and_markdown_twins_hold_the_same_tables(runs, plans, tmp_path):
+    html_file, md_file = write_report(runs, plans, "H200 report", tmp_path)
+    page, markdown = html_file.read_text(), md_file.read_text()
+    doc = build_report(runs, plans, "H200 report")
+    tables = [b for s in doc.sections for b in s.blocks if isinstance(b, Table)]
+    assert page.count("<table>") == len(tables)
+    separators = [line for line in markdown.splitlines() if line.startswith("|---")]
+    assert len(separators) == len(tables)
+    for table in tables:
+        assert "| " + " | ".join(table.headers) + " |" in markdown
+    for section in doc.sections:
+        assert f"<h2>{section.title}</h2>" in page.replace("&amp;", "&") and f"## {section.title}" in markdown
+    assert page.count("<svg") >= 3  # latency (x2) and memory charts, inline
+    # Self-contained: nothing fetched when the page opens.
+    assert "<script" not in page and "<link" not in page and 'src="http' not in page
+
+
+def test_a_run_without_timings_still_reports(tmp_path, plans):
+    data = json.loads(H200_RUN.read_text())
+    data["benchmarks"] = []
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps(data))
+    page = to_html(build_report(load_runs([path]), plans, "empty"))
+    assert "No timings in these runs." in page
+
+
+@pytest.mark.skipif(find_browser() is None, reason="renders the report in headless Chromium: install Debian's "
+                    "chromium (apt-get install chromium); .ci/run does")
+def test_the_report_renders_in_a_real_browser(runs, plans, tmp_path):
+    from PIL import Image, ImageStat
+
+    html_file, _ = write_report(runs, plans, "H200 report", tmp_path)
+    dom = rendered_dom(html_file)
+    assert "Success criteria" in dom and "<svg" in dom and "fixtures/gates.toml" in dom
+    png = screenshot(html_file, tmp_path / "report.png", width=1280, height=1600)
+    image = Image.open(png).convert("L")
+    assert image.size == (1280, 1600)
+    assert statistics.mean(ImageStat.Stat(image).stddev) > 20  # text, tables and colour, not a blank page
+
+
+def test_a_pure_noise_change_is_not_a_regression():
+    """Two real H200 runs of the same cases on two machines: every change is noise."""
+    base, new = load_runs([HISTORY / "h200-eager-run-a.json"]), load_runs([HISTORY / "h200-compile-run-b.json"])
+    comparison = compare_runs(base, new)
+    assert {c.verdict for c in comparison.times} == {"noise"}
+    assert all("ranges overlap" in c.decided_by for c in comparison.times)
+    assert exit_code(comparison) == 0
+    assert "flux-schnell-synthetic-bf16-compile-b1-cuda (transformer)" in comparison.only_in_new
+
+
+def test_a_real_regression_is_caught_and_explained():
+    """Real CPU runs: 4 steps, then 48 (a scheduler-config style regression)."""
+    base, new = load_runs([HISTORY / "cpu-4-steps.json"]), load_runs([HISTORY / "cpu-48-steps.json"])
+    comparison = compare_runs(base, new)
+    verdicts = {c.key[1]: c for c in comparison.times}
+    assert verdicts["end_to_end"].verdict == "regression"
+    assert "exceeds the 5% tolerance" in verdicts["end_to_end"].decided_by
+    assert verdicts["transformer"].verdict == "noise"  # one forward did not change
+    assert exit_code(comparison) == 1
+
+
+def test_judging_a_move_outside_the_noise_but_inside_the_tolerance():
+    from quantgate.report.runs import result_from_benchmark
+
+    bench = json.loads((HISTORY / "h200-eager-run-a.json").read_text())["benchmarks"][0]
+    base = result_from_benchmark(bench)
+    shifted = dict(bench, stats={**bench["stats"], **{k: bench["stats"][k] * 1.03 for k in
+                                                      ("min", "max", "median", "q1", "q3", "mean")}})
+    new = result_from_benchmark(shifted)
+    assert base.max < new.min  # disjoint ranges: the 3% is real, not noise
+    verdict, why = judge_time(base, new, tolerance=0.05)
+    assert verdict == "within tolerance" and "within the 5% tolerance" in why
+    assert judge_time(base, new, tolerance=0.02)[0] == "regression"
+
+
+def test_comparing_across_gpu_classes_needs_a_flag():
+    gpu, cpu = load_runs([HISTORY / "h200-eager-run-a.json"]), load_runs([HISTORY / "cpu-4-steps.json"])
+    with pytest.raises(ConfigFileError, match="different GPU classes \\(hopper vs cpu\\)"):
+        compare_runs(gpu, cpu)
+    comparison = compare_runs(gpu, cpu, allow_cross_hardware=True)
+    assert any(d.startswith("gpu: NVIDIA H200 -> None") for d in comparison.machine_differences)
+
+
+def test_compare_reads_a_pytest_benchmark_storage_directory(tmp_path, capsys):
+    storage = tmp_path / ".benchmarks" / "Linux-CPython-3.11-64bit"
+    storage.mkdir(parents=True)
+    shutil.copy(HISTORY / "cpu-48-steps.json", storage / "0002_b_uncommitted-changes.json")
+    shutil.copy(HISTORY / "cpu-4-steps.json", storage / "0001_a_uncommitted-changes.json")
+    assert [p.name for p in history_files(tmp_path / ".benchmarks")][0].startswith("0001")
+
+    assert main(["compare", "--storage", str(tmp_path / ".benchmarks"), "-o", str(tmp_path / "cmp")]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "1 regression(s)" in out
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "Trends" in page and page.count("<svg") == 2  # one trend per case (end to end, transformer)
+    assert main(["compare", str(HISTORY / "h200-eager-run-a.json"), str(HISTORY / "h200-compile-run-b.json")]) == 0
+
+
+def test_report_cli_writes_both_files(tmp_path, capsys):
+    assert main(["report", str(H200_RUN), "-o", str(tmp_path), "--plans", str(PLANS)]) == 0
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "report.md").is_file()
+    assert main(["report", str(H200_RUN), "-o", str(tmp_path), "--plans", str(tmp_path / "none.toml")]) == 2
+    assert "none.toml not found" in capsys.readouterr().err
+
+
+def test_a_malformed_plans_file_names_the_criterion(tmp_path):
+    path = tmp_path / "plans.toml"
+    path.write_text('[[plan]]\nname = "p"\n[[plan.criterion]]\nclaim = "fast"\nmodel = "flux-dev"\n')
+    with pytest.raises(ConfigFileError, match="criterion 'fast' needs a claim and a metric or test"):
+        load_plans(path)
+
+
+def test_markdown_escapes_pipes():
+    from quantgate.report.document import Document, Section
+
+    text = to_markdown(Document("t", [Section("s", [Table(["a"], [["x | y"]])])]))
+    assert "x \\| y" in text
