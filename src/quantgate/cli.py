@@ -7,6 +7,7 @@
     quantgate summary BENCH.json          the report's Markdown twin on standard output
     quantgate compare OLD.json NEW.json   noise-aware comparison across commits; exit 1 on a regression
     quantgate merge A.json B.json -o M    join runs split over several commands into one JSON
+    quantgate golden MODEL --source tiny  write a model's golden images from its bf16 pipeline
     quantgate env                         GPU, driver, CUDA and library versions as JSON
 """
 
@@ -138,6 +139,35 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _golden(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantgate.cases import Selection, make_case
+    from quantgate.hardware import device_info, machine_facts
+    from quantgate.models import get_model
+    from quantgate.models.sources import SourceContext
+    from quantgate.pipeline import load_pipeline
+    from quantgate.plugin import default_cache_dir
+    from quantgate.prompts import PromptSet
+    from quantgate.quality.golden import write_golden
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = get_model(args.model)
+    case = make_case(spec, args.source, "bf16", "eager", 1, device, Selection(models=[spec.name], schemes=["bf16"]))
+    pairs = [(prompt, seed) for seed, prompt in enumerate(PromptSet.load(args.prompts).take(args.count))]
+    loaded = load_pipeline(case, SourceContext(cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir()))
+    entries = []
+    for prompt, seed in pairs:
+        entries.append((prompt, seed, loaded.generate(case, [prompt], seed=seed)[0]))
+        print(f"  {len(entries)}/{len(pairs)} seed {seed}: {prompt[:60]}", file=sys.stderr)
+    settings = {"scheme": "bf16", **case.call_kwargs(), "weights": loaded.source.detail}
+    golden = write_golden(args.golden_dir, spec.name, args.source, settings, entries,
+                          {"device": device_info(device).name, "hardware": device_info(device).hardware_class,
+                           "versions": machine_facts()["libraries"]})
+    print(golden.directory)
+    return 0
+
+
 def _env(args: argparse.Namespace) -> int:
     from quantgate.hardware import machine_facts
 
@@ -201,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-mixed-machines", action="store_true",
                    help="merge files from different GPUs, drivers or library versions")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("golden", help="(re)write a model's golden images from its bf16 pipeline, atomically")
+    p.add_argument("model", help="a registered model (quantgate models)")
+    p.add_argument("--source", default="tiny", choices=("hub", "synthetic", "tiny"), help="default: tiny")
+    p.add_argument("--prompts", default="fixtures/prompts/gate.txt", help="prompt file (default: the gate set)")
+    p.add_argument("--count", type=int, default=4,
+                   help="images, one per prompt, seeds 0, 1, ... (default: 4, as --quantgate-quality-prompts)")
+    p.add_argument("--golden-dir", default="golden_images", help="the store (default: golden_images)")
+    p.add_argument("--cache-dir", help="default: $QUANTGATE_CACHE_DIR or ~/.cache/quantgate")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.set_defaults(func=_golden)
 
     p = sub.add_parser("env", help="print GPU, driver, CUDA and library versions as JSON")
     p.set_defaults(func=_env)

@@ -30,8 +30,9 @@ else:  # pragma: no cover
 class Metric:
     """A quantity gates can bound, with its unit for messages."""
 
-    unit: str  # "x" (ratio), "bytes", "s", "fraction"
+    unit: str  # "x" (ratio), "bytes", "s", "fraction", "dB"
     description: str
+    better: str = "higher"  # which direction is an improvement, for comparisons across runs
 
 
 METRICS: dict[str, Metric] = {
@@ -46,11 +47,17 @@ METRICS: dict[str, Metric] = {
     "end_to_end_speedup_vs_nf4": Metric(
         "x", "median of the bnb-nf4 eager prompt-to-image call over this case's median, same batch"),
     "end_to_end_peak_allocated_bytes": Metric(
-        "bytes", "peak bytes allocated by torch on the GPU during the timed prompt-to-image rounds"),
+        "bytes", "peak bytes allocated by torch on the GPU during the timed prompt-to-image rounds", better="lower"),
     "timing_disagreement_vs_cuda_events": Metric(
-        "fraction", "|suite median - CUDA-event median| / CUDA-event median for the same transformer forward"),
+        "fraction", "|suite median - CUDA-event median| / CUDA-event median for the same transformer forward", better="lower"),
+    "image_psnr_db_vs_reference": Metric(
+        "dB", "PSNR of the images against the reference (golden set, else bf16 eager of this session)"),
+    "image_ssim_vs_reference": Metric(
+        "fraction", "mean SSIM of the images against the same reference"),
+    "transformer_output_relative_error_vs_bf16": Metric(
+        "fraction", "||out - bf16 out|| / ||bf16 out|| of one transformer forward on fixed seeded inputs", better="lower"),
     "leaked_gpu_bytes": Metric(
-        "bytes", "GPU bytes still allocated after a pipeline is released, above the session's baseline"),
+        "bytes", "GPU bytes still allocated after a pipeline is released, above the session's baseline", better="lower"),
 }
 
 SELECTORS: dict[str, type] = {"model": str, "source": str, "scheme": str, "variant": str, "batch": int,
@@ -66,6 +73,8 @@ def format_value(value: float, unit: str) -> str:
         return f"{value / 2**30:.3f} GiB ({int(value)} bytes)" if abs(value) >= 2**20 else f"{int(value)} bytes"
     if unit == "s":
         return f"{value:.4f} s"
+    if unit == "dB":
+        return f"{value:.2f} dB"
     return f"{value:.4g}"
 
 

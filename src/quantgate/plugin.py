@@ -89,6 +89,9 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "steps": ("override every model's number of inference steps", None),
     "resolution": ("override the resolution: N or HxW, multiples of 16", None),
     "seed": ("seed of synthetic weights and of generation (default: 0)", "0"),
+    "golden-dir": ("golden image store (default: <rootdir>/golden_images)", None),
+    "quality-prompts": ("how many gate prompts the quality tests generate, one image each (default: 4)", "4"),
+    "artifacts": ("directory for side-by-side sample grids (default: none written)", None),
 }
 
 
@@ -100,6 +103,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(f"quantgate_{name.replace('-', '_')}", help_text, default=None)
     group.addoption("--quantgate-path", dest="quantgate_path", action="append", default=[], metavar="MODEL=DIR",
                     help="a diffusers directory for MODEL, used by --quantgate-source path (repeatable)")
+    group.addoption("--quantgate-update-golden", dest="quantgate_update_golden", action="store_true",
+                    help="write the bf16 eager images of this run as the golden set (atomically) before comparing")
 
 
 def _option(config: pytest.Config, name: str) -> str | None:
@@ -187,6 +192,11 @@ class QuantgateRun:
     rounds: int
     warmup_rounds: int
     pipelines: PipelineCache
+    golden_dir: Path = Path("golden_images")
+    update_golden: bool = False
+    quality_prompts: int = 4
+    artifacts_dir: Path | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     releases: list[dict[str, Any]] = field(default_factory=list)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -250,6 +260,10 @@ class QuantgateRun:
             rounds=_int(_option(config, "rounds"), "rounds", 1) or 1,
             warmup_rounds=_int(_option(config, "warmup"), "warmup", 0) or 0,
             pipelines=PipelineCache(ctx),
+            golden_dir=_display_path(Path(_option(config, "golden-dir") or config.rootpath / "golden_images")),
+            update_golden=bool(config.getoption("quantgate_update_golden")),
+            quality_prompts=_int(_option(config, "quality-prompts"), "quality-prompts", 1) or 4,
+            artifacts_dir=Path(_option(config, "artifacts")) if _option(config, "artifacts") else None,
         )
 
     def choose_source(self, spec: ModelSpec, device: str) -> str:
@@ -309,6 +323,7 @@ class QuantgateRun:
                           "resolution": self.selection.resolution, "rounds": self.rounds,
                           "warmup_rounds": self.warmup_rounds, "seed": self.ctx.seed},
             "verdicts": self.verdicts,
+            "artifacts": self.artifacts,
             "releases": self.releases,
             "outcomes": self.outcomes,
         }
@@ -421,10 +436,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     tr = terminalreporter
     tr.section("quantgate")
-    passed = sum(v["passed"] for v in run.verdicts)
-    tr.write_line(f"gates: {passed} passed, {len(run.verdicts) - passed} failed ({run.gates.path})")
+    passed = sum(v["passed"] is True for v in run.verdicts)
+    failed = sum(v["passed"] is False for v in run.verdicts)
+    ungated = sum(v["passed"] is None for v in run.verdicts)
+    tr.write_line(f"gates: {passed} passed, {failed} failed, {ungated} measured without a gate ({run.gates.path})")
     for v in run.verdicts:
-        if not v["passed"]:
+        if v["passed"] is False:
             tr.write_line(f"  FAILED {v['case']}: {v['message']}")
     for r in run.releases:
         if r.get("passed") is False:
@@ -568,26 +585,143 @@ def speedup(case: Case, records: Records) -> Callable[[str, str], float]:
 
 
 class CaseGates:
-    """The gates of one case: ``require(metric, value)`` passes, fails or skips the test."""
+    """The gates of one case: ``require(metric, value)`` passes, fails or skips the test.
+
+    Every measured value is recorded in the JSON, also where no gate names it (``passed``
+    is then null), so thresholds can be set from real data.
+    """
 
     def __init__(self, run: QuantgateRun, case: Case, node: pytest.Item):
         self.run, self.case, self.node = run, case, node
 
-    def require(self, metric: str, value: float) -> Verdict:
-        hardware = self.run.hardware(self.case)
-        gate = self.run.gates.lookup(metric, self.case.gate_attrs(hardware))
-        if gate is None:
-            pytest.skip(f"no {metric} gate matches {self.case.id} on {hardware} in {self.run.gates.path}: "
-                        f"add a [[gate]] entry to enforce one")
-        verdict = gate.check(float(value), subject=self.case.id)
-        record = {"nodeid": self.node.nodeid, "case": self.case.id, "hardware": hardware,
-                  **self.case.gate_attrs(hardware), "device": self.case.device, **verdict.as_dict(),
-                  "message": verdict.message}
+    def _record(self, hardware: str, metric: str, value: float, verdict: Verdict | None) -> None:
+        outcome = verdict.as_dict() if verdict is not None else {
+            "metric": metric, "value": value, "min": None, "max": None, "passed": None, "gate": None, "why": None}
+        record = {"nodeid": self.node.nodeid, "case": self.case.id, **self.case.gate_attrs(hardware),
+                  "device": self.case.device, **outcome,
+                  "message": verdict.message if verdict is not None else f"{metric} = {value:.6g} (no gate)"}
         self.run.verdicts.append(record)
         self.node.user_properties.append(("quantgate_verdict", record))
-        if not verdict.passed:
-            pytest.fail(verdict.message, pytrace=False)
-        return verdict
+
+    def require(self, metric: str, value: float) -> Verdict:
+        """Check one measured value against its gate."""
+        return self.require_all({metric: value})[metric]
+
+    def require_all(self, values: dict[str, float]) -> dict[str, Verdict]:
+        """Check several values; every one is recorded before any failure is raised."""
+        hardware = self.run.hardware(self.case)
+        verdicts, ungated, failures = {}, [], []
+        for metric, value in values.items():
+            gate = self.run.gates.lookup(metric, self.case.gate_attrs(hardware))
+            if gate is None:
+                self._record(hardware, metric, float(value), None)
+                ungated.append(f"{metric} = {float(value):.6g}")
+                continue
+            verdict = gate.check(float(value), subject=self.case.id)
+            self._record(hardware, metric, float(value), verdict)
+            verdicts[metric] = verdict
+            if not verdict.passed:
+                failures.append(verdict.message)
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+        if ungated and not verdicts:
+            pytest.skip(f"no gate matches {self.case.id} on {hardware} in {self.run.gates.path} for "
+                        f"{'; '.join(ungated)} (recorded in the JSON): add a [[gate]] entry to enforce one")
+        return verdicts
+
+
+class QualityReference:
+    """What a case's images and transformer output are compared with.
+
+    Images: the golden set of the case's model and source when there is one, else the bf16
+    eager images of this session (the bf16 case runs first). ``--quantgate-update-golden``
+    makes the bf16 eager case write its images as the golden set first. Every image set is
+    also kept for the side-by-side grid (``--quantgate-artifacts``).
+    """
+
+    def __init__(self, run: QuantgateRun, case: Case, prompts: PromptSet, loaded: LoadedPipeline):
+        self.run, self.case, self.loaded = run, case, loaded
+        self.pairs = [(prompt, seed) for seed, prompt in enumerate(prompts.take(run.quality_prompts))]
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.case.scheme == "bf16" and self.case.variant == "eager"
+
+    def _settings(self) -> dict[str, Any]:
+        # The weights' identity too: a golden set made from other weights is stale, not a reference.
+        return {"scheme": "bf16", **self.case.call_kwargs(), "weights": self.loaded.source.detail}
+
+    def _golden(self) -> Any:
+        from quantgate.quality.golden import GoldenInvalid, GoldenMissing, load_golden
+
+        try:
+            return load_golden(self.run.golden_dir, self.case.model, self.case.source, self._settings(), self.pairs)
+        except GoldenMissing:
+            return None
+        except GoldenInvalid as exc:
+            pytest.fail(str(exc), pytrace=False)
+
+    def images(self, images: Any) -> tuple[Any, str]:
+        """The reference for ``images`` (generated for ``self.pairs``) and what it is."""
+        import numpy as np
+
+        from quantgate.quality.golden import write_golden
+
+        case, key = self.case, (self.case.device, self.case.model, self.case.source)
+        label = f"{case.scheme} {case.variant}"
+        samples = self.run.records.images.setdefault(key, {})
+        if self.is_baseline and self.run.update_golden:
+            write_golden(self.run.golden_dir, case.model, case.source, self._settings(),
+                         [(p, s, img) for (p, s), img in zip(self.pairs, images)],
+                         {"device": self.run.device(case.device).name, "hardware": self.run.hardware(case),
+                          "versions": machine_facts()["libraries"]})
+        golden = self._golden()
+        if golden is not None:
+            samples.setdefault("golden", np.stack([golden.array(i) for i in range(len(self.pairs))]))
+        samples[label] = images
+        self._write_grid(key, samples)
+        if golden is not None:
+            return samples["golden"], f"golden set {golden.directory}"
+        if self.is_baseline:
+            samples.setdefault("reference", images)
+            pytest.skip(f"{case.id} is the reference of {case.model}/{case.source} and there is no golden set in "
+                        f"{self.run.golden_dir / case.model / case.source} to compare it with: create one with "
+                        f"`quantgate golden {case.model} --source {case.source}` or --quantgate-update-golden")
+        if "reference" not in samples:
+            pytest.skip(f"no reference images for {case.model}/{case.source}: no golden set in "
+                        f"{self.run.golden_dir / case.model / case.source} and no bf16 eager run before this case "
+                        "in this session (include bf16 in --quantgate-schemes)")
+        return samples["reference"], "bf16 eager of this session"
+
+    def transformer_output(self, output: Any) -> Any:
+        """The bf16 eager transformer output on the same inputs (recorded by the bf16 case)."""
+        key = (self.case.device, self.case.model, self.case.source, self.case.batch)
+        if self.is_baseline:
+            self.run.records.outputs[key] = output
+            pytest.skip(f"{self.case.id} is the bf16 reference of this comparison")
+        if key not in self.run.records.outputs:
+            pytest.skip(f"no bf16 eager transformer output for {self.case.model}/{self.case.source} at batch "
+                        f"{self.case.batch} in this session (include bf16 in --quantgate-schemes)")
+        return self.run.records.outputs[key]
+
+    def _write_grid(self, key: tuple[str, str, str], samples: dict[str, Any]) -> None:
+        if self.run.artifacts_dir is None:
+            return
+        from quantgate.quality.grids import sample_grid
+
+        path = self.run.artifacts_dir / f"grid-{key[1]}-{key[2]}-{key[0]}.png"
+        order = sorted(samples, key=lambda name: (name not in ("golden", "reference"), name != "bf16 eager", name))
+        sample_grid({name: samples[name] for name in order if name != "reference"},
+                    [p for p, _ in self.pairs], path)
+        record = {"kind": "sample_grid", "model": key[1], "source": key[2], "device": key[0],
+                  "path": str(path.resolve()), "columns": [n for n in order if n != "reference"]}
+        self.run.artifacts[:] = [a for a in self.run.artifacts if a["path"] != record["path"]] + [record]
+
+
+@pytest.fixture
+def reference(case: Case, pipeline: LoadedPipeline, quantgate_run: QuantgateRun, prompts: PromptSet) -> QualityReference:
+    """The quality reference of this case (golden set, else this session's bf16 eager run)."""
+    return QualityReference(quantgate_run, case, prompts, pipeline)
 
 
 @pytest.fixture

@@ -25,9 +25,13 @@ def _key(case: Case, scope: str, scheme: str | None = None, variant: str | None 
 
 @dataclass
 class Records:
-    """Measurements of this session, by case and scope."""
+    """Measurements of this session, by case and scope; quality references and samples."""
 
     measurements: dict[tuple, Measurement] = field(default_factory=dict)
+    # (device, model, source) -> {"bf16 eager": images, ...}: reference and samples for grids
+    images: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    # (device, model, source, batch) -> bf16 eager transformer output on the fixed inputs
+    outputs: dict[tuple[str, str, str, int], Any] = field(default_factory=dict)
 
     def add(self, measurement: Measurement) -> None:
         self.measurements[_key(measurement.case, measurement.scope)] = measurement

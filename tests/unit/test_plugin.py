@@ -160,3 +160,36 @@ def test_runs_split_over_commands_merge_into_one_json(pytester, args):
     mixed.write_text(json.dumps(other))
     with pytest.raises(Exception, match="machine_info\\['gpu'\\] differs"):
         merge_benchmark_json([outs[0], mixed])
+
+
+QUALITY_TEST = """
+import numpy as np
+from quantgate.quality.metrics import psnr
+
+def test_quality(case, pipeline, reference, gates):
+    images = np.concatenate([pipeline.generate(case, [p], seed=s) for p, s in reference.pairs])
+    expected, _ = reference.images(images)
+    gates.require("image_psnr_db_vs_reference", psnr(images, expected))
+"""
+
+
+def test_golden_sets_are_written_on_request_compared_and_guarded(pytester, args, tmp_path):
+    pytester.makepyfile(QUALITY_TEST)
+    golden = tmp_path / "golden"
+    common = [*args, "-m", "cpu", "-rs", "--quantgate-models=flux-schnell", "--quantgate-schemes=bf16,int8-wo",
+              "--quantgate-quality-prompts=2", f"--quantgate-golden-dir={golden}"]
+
+    missing = pytester.runpytest_subprocess(*common)
+    missing.assert_outcomes(passed=1, skipped=1)  # int8-wo against this session's bf16; bf16 has nothing to meet
+    missing.stdout.fnmatch_lines(["*no golden set in*quantgate golden flux-schnell --source tiny*"])
+
+    written = pytester.runpytest_subprocess(*common, "--quantgate-update-golden")
+    written.assert_outcomes(passed=2)
+    assert sorted(p.name for p in (golden / "flux-schnell" / "tiny").iterdir()) == [
+        "00-seed0.png", "01-seed1.png", "manifest.json"]
+
+    image = golden / "flux-schnell" / "tiny" / "01-seed1.png"
+    image.write_bytes(image.read_bytes()[:-1])
+    tampered = pytester.runpytest_subprocess(*common)
+    tampered.assert_outcomes(failed=2)
+    tampered.stdout.fnmatch_lines(["*01-seed1.png does not match the sha256 in manifest.json*"])

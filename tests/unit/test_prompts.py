@@ -31,3 +31,8 @@ def test_invalid_utf8_names_the_line(tmp_path):
     path.write_bytes(b"fine\nbad \xff byte\n")
     with pytest.raises(ConfigFileError, match=r"p.txt:2: not valid UTF-8"):
         PromptSet.load(path)
+
+
+def test_the_visual_inspection_set_has_fifty_prompts():
+    prompts = PromptSet.load(REPO / "fixtures" / "prompts" / "inspect.txt")
+    assert len(prompts.prompts) == 50 and len(set(prompts.prompts)) == 50

@@ -3,19 +3,21 @@ matrix, memory, batch scaling, quality, gates, skips. Every number comes from th
 
 from __future__ import annotations
 
+import base64
 from collections import defaultdict
 from pathlib import Path
 
 from quantgate.gates import METRICS, format_value
 from quantgate.report import plots
-from quantgate.report.document import Bullets, Document, Figure, Paragraph, Section, Table
+from quantgate.report.document import Bullets, Document, Figure, Image, Paragraph, Section, Table
 from quantgate.report.plans import Plans, evaluate
 from quantgate.report.recommend import recommendations
 from quantgate.report.runs import Result, RunSet
 
 GIB = 2**30
-STATUS_CLASS = {"pass": "pass", "fail": "fail", "skipped": "skip", "not measured": "skip", "partial": "skip"}
-QUALITY_KEYS = ("quality_relative_error", "quality_psnr_db", "quality_ssim", "quality_lpips", "quality_clip_score")
+STATUS_CLASS = {"pass": "pass", "fail": "fail", "skipped": "skip", "not measured": "skip", "partial": "skip",
+                "measured, no gate": "skip"}
+QUALITY_METRICS = ("image_psnr_db_vs_reference", "image_ssim_vs_reference", "transformer_output_relative_error_vs_bf16")
 
 
 def _gib(value: int | None) -> str:
@@ -113,12 +115,36 @@ def _batch_scaling(runs: RunSet) -> Section:
 
 
 def _quality(runs: RunSet) -> Section:
-    rows = [[r.case_id, *("–" if r.extra.get(k) is None else f"{r.extra[k]:.4g}" for k in QUALITY_KEYS)]
-            for r in runs.results if any(r.extra.get(k) is not None for k in QUALITY_KEYS)]
-    if not rows:
-        return Section("Quality", [Paragraph("These runs measured no image quality (no relative error, PSNR, SSIM, "
-                                             "LPIPS or CLIP score in the results), so no sample grids either.")])
-    return Section("Quality", [Table(["case", "relative error", "PSNR dB", "SSIM", "LPIPS", "CLIP score"], rows)])
+    values: dict[str, dict[str, dict]] = defaultdict(dict)
+    for v in runs.verdicts:
+        if v["metric"] in QUALITY_METRICS:
+            values[v["case"]].setdefault(v["metric"], v)
+    blocks: list = []
+    if values:
+        rows, classes = [], []
+        for case, metrics in sorted(values.items()):
+            cells = [("–" if m not in metrics else format_value(metrics[m]["value"], METRICS[m].unit))
+                     for m in QUALITY_METRICS]
+            states = [metrics[m]["passed"] for m in metrics]
+            verdict = "FAIL" if False in states else ("pass" if True in states else "no gate")
+            rows.append([case, *cells, verdict])
+            classes.append({"FAIL": "fail", "pass": "pass", "no gate": "skip"}[verdict])
+        blocks.append(Table(["case", "PSNR vs reference", "SSIM vs reference", "transformer rel. error vs bf16",
+                             "verdict"], rows, classes))
+    for artifact in runs.artifacts:
+        path = runs.artifact_file(artifact) if artifact.get("kind") == "sample_grid" else None
+        if path is not None:
+            data = base64.b64encode(path.read_bytes()).decode()
+            blocks.append(Image(f"data:image/png;base64,{data}",
+                                f"{artifact['model']} ({artifact['source']}, {artifact['device']}): one row per prompt; "
+                                f"columns {', '.join(artifact['columns'])}"))
+    if not blocks:
+        blocks.append(Paragraph("These runs measured no image quality (no PSNR, SSIM or relative error against a "
+                                "reference), so there are no sample grids either."))
+    elif any(r.source == "synthetic" for r in runs.results):
+        blocks.insert(0, Paragraph("With synthetic weights the images are not meaningful: only the numerical "
+                                   "comparison against the bf16 reference of the same weights applies."))
+    return Section("Quality", blocks)
 
 
 def _gates(runs: RunSet) -> Section:
@@ -127,13 +153,16 @@ def _gates(runs: RunSet) -> Section:
         unit = METRICS[v["metric"]].unit if v["metric"] in METRICS else ""
         bounds = " and ".join(b for b in (f">= {format_value(v['min'], unit)}" if v["min"] is not None else "",
                                           f"<= {format_value(v['max'], unit)}" if v["max"] is not None else "") if b)
-        rows.append([v["case"], v["metric"], format_value(v["value"], unit), bounds, "pass" if v["passed"] else "FAIL",
-                     v["gate"], v.get("why", "")])
-        classes.append("pass" if v["passed"] else "fail")
+        verdict = {True: "pass", False: "FAIL", None: "no gate"}[v["passed"]]
+        rows.append([v["case"], v["metric"], format_value(v["value"], unit), bounds or "–", verdict,
+                     v["gate"] or "–", v.get("why") or "measured, no gate in gates.toml"])
+        classes.append({True: "pass", False: "fail", None: "skip"}[v["passed"]])
     if not rows:
         return Section("Gates", [Paragraph("No gate was checked in these runs.")])
-    passed = sum(v["passed"] for v in runs.verdicts)
-    return Section("Gates", [Paragraph(f"{passed} of {len(rows)} gate checks passed."),
+    checked = [v for v in runs.verdicts if v["passed"] is not None]
+    passed = sum(v["passed"] is True for v in checked)
+    return Section("Gates", [Paragraph(f"{passed} of {len(checked)} gate checks passed; "
+                                       f"{len(rows) - len(checked)} values were measured without a gate."),
                              Table(["case", "metric", "measured", "required", "verdict", "gate", "why"], rows, classes)])
 
 

@@ -14,23 +14,22 @@ they are not noisy, so only the tolerance applies.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 from quantgate.errors import ConfigFileError
+from quantgate.gates import METRICS
 from quantgate.report.runs import Result, RunSet, load_runs
 
 # extra_info fields compared besides time: name -> (label, +1 if higher is better else -1)
 FIGURES: dict[str, tuple[str, int]] = {
     "denoiser_footprint_bytes": ("transformer footprint", -1),
     "peak_allocated_bytes": ("peak allocated", -1),
-    "quality_relative_error": ("relative error", -1),
-    "quality_psnr_db": ("PSNR", +1),
-    "quality_ssim": ("SSIM", +1),
-    "quality_lpips": ("LPIPS", -1),
-    "quality_clip_score": ("CLIP score", +1),
 }
+# Gate metrics derived from timings are noisy; their inputs are compared as times instead.
+_TIME_DERIVED = ("speedup", "timing")
 MACHINE_KEYS = ("gpu", "hardware_class", "nvidia_driver", "cuda_runtime")
 
 
@@ -99,11 +98,12 @@ def judge_time(base: Result, new: Result, tolerance: float) -> tuple[str, str]:
                      f"|Δ| {abs(delta):.4g} s > IQR {spread:.4g} s")
 
 
-def _judge_figure(name: str, base: float, new: float, tolerance: float) -> tuple[str, str]:
-    label, direction = FIGURES[name]
-    if base == 0:
-        return ("noise", "unchanged") if new == 0 else ("regression" if direction < 0 else "improvement",
-                                                        f"{label} from 0 to {new:.4g}")
+def _judge_figure(label: str, direction: int, base: float, new: float, tolerance: float) -> tuple[str, str]:
+    if base == new:
+        return "noise", "unchanged"
+    if base == 0 or not math.isfinite(base):
+        worse = (new > base) == (direction < 0)
+        return ("regression" if worse else "improvement"), f"{label} from {base:.4g} to {new:.4g}"
     relative = (new - base) / abs(base)
     if abs(relative) <= tolerance:
         return ("noise" if relative == 0 else "within tolerance"), f"{label} {relative:+.2%} (tolerance {tolerance:.0%})"
@@ -142,9 +142,25 @@ def compare_runs(base: RunSet, new: RunSet, *, tolerance: float = 0.05, figure_t
         for name in FIGURES:
             vb, vn = b.extra.get(name), n.extra.get(name)
             if isinstance(vb, (int, float)) and isinstance(vn, (int, float)):
-                verdict, why = _judge_figure(name, float(vb), float(vn), figure_tolerance)
-                result.figures.append(FigureChange(key, FIGURES[name][0], float(vb), float(vn), verdict, why))
+                label, direction = FIGURES[name]
+                verdict, why = _judge_figure(label, direction, float(vb), float(vn), figure_tolerance)
+                result.figures.append(FigureChange(key, label, float(vb), float(vn), verdict, why))
+    old_v, new_v = _measured(base), _measured(new)
+    for (case, metric) in sorted(old_v.keys() & new_v.keys()):
+        direction = 1 if METRICS[metric].better == "higher" else -1
+        verdict, why = _judge_figure(metric, direction, old_v[(case, metric)], new_v[(case, metric)], figure_tolerance)
+        result.figures.append(FigureChange((case, "gate"), metric, old_v[(case, metric)], new_v[(case, metric)],
+                                           verdict, why))
     return result
+
+
+def _measured(runs: RunSet) -> dict[tuple[str, str], float]:
+    """Gate-metric values per (case, metric), those not derived from timings (first wins)."""
+    values: dict[tuple[str, str], float] = {}
+    for v in runs.verdicts:
+        if v["metric"] in METRICS and not any(word in v["metric"] for word in _TIME_DERIVED):
+            values.setdefault((v["case"], v["metric"]), float(v["value"]))
+    return values
 
 
 def history_files(storage: str | Path) -> list[Path]:

@@ -71,7 +71,7 @@ code { background: #f6f8fa; padding: 0 .2rem; }
 """
 
 
-_NUMERIC = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?\s*(x|%|s|GiB|MiB|ms)?(\s*–\s*[-+]?[\d.,]+(e[-+]?\d+)?)?$|^–$")
+_NUMERIC = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?\s*(x|%|s|GiB|MiB|ms|dB)?(\s*–\s*[-+]?[\d.,]+(e[-+]?\d+)?)?$|^–$")
 
 
 def _is_number(text: str) -> bool:

@@ -88,11 +88,14 @@ class Evaluation:
 def evaluate(criterion: Criterion, runs: RunSet) -> Evaluation:
     """Decide ``criterion`` from the gate verdicts first, then from the matching tests' outcomes."""
     if criterion.metric:
-        verdicts = [v for v in runs.verdicts if v["metric"] == criterion.metric and criterion.matches(v)]
+        measured = [v for v in runs.verdicts if v["metric"] == criterion.metric and criterion.matches(v)]
+        verdicts = [v for v in measured if v["passed"] is not None]
         if verdicts:
             evidence = [f"{v['case']}: {v['value']:.4g} ({'pass' if v['passed'] else 'FAIL'}, {v['gate']})"
                         for v in verdicts]
             return Evaluation(criterion, "pass" if all(v["passed"] for v in verdicts) else "fail", evidence)
+        if measured:
+            return Evaluation(criterion, "measured, no gate", [f"{v['case']}: {v['value']:.4g}" for v in measured])
     outcomes = [o for o in runs.outcomes if (criterion.test is None or o.get("test") == criterion.test)
                 and criterion.matches(o)]
     if not outcomes:

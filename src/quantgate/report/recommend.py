@@ -28,7 +28,7 @@ def recommendations(runs: RunSet, budgets: tuple[Budget, ...]) -> list[str]:
     groups: dict[tuple[str, str], list[Result]] = defaultdict(list)
     for r in runs.results:
         groups[(r.hardware, r.model)].append(r)
-    has_quality = any(any(k.startswith("quality_") for k in r.extra) for r in runs.results)
+    has_quality = any(v["metric"].startswith("image_") for v in runs.verdicts)
     for (hardware, model), results in sorted(groups.items()):
         where = f"{model} on {hardware}"
         e2e = [r for r in results if r.scope == "end_to_end" and r.batch == 1]

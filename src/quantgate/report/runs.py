@@ -101,6 +101,16 @@ class RunSet:
     outcomes: list[dict[str, Any]]
     releases: list[dict[str, Any]]
     parts: list[dict[str, Any]]
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    base_dir: Path = Path(".")
+
+    def artifact_file(self, artifact: dict[str, Any]) -> Path | None:
+        """The artifact's file: where the run wrote it, else beside the JSON (copied with it)."""
+        recorded = Path(artifact["path"])
+        for candidate in (recorded, self.base_dir / recorded.name):
+            if candidate.is_file():
+                return candidate
+        return None
 
     @property
     def machine(self) -> dict[str, Any]:
@@ -156,4 +166,5 @@ def load_runs(paths: list[str | Path]) -> RunSet:
         outcomes.append(record)
     parts = q.get("parts") or [{"file": Path(paths[0]).name, "datetime": data.get("datetime"),
                                 "commit": data.get("commit_info", {}).get("id"), "selection": q.get("selection")}]
-    return RunSet(data, results, verdicts, outcomes, q.get("releases", []), parts)
+    return RunSet(data, results, verdicts, outcomes, q.get("releases", []), parts, q.get("artifacts", []),
+                  Path(paths[0]).parent)

@@ -1,0 +1,1 @@
+"""Image and output fidelity against a reference: metrics, the golden image store, sample grids."""
