@@ -33,9 +33,9 @@ def test_end_to_end_speedup(case, baseline, speedup, gates):
 
 
 @pytest.mark.gpu_only
-def test_end_to_end_peak_memory(case, records, gates):
+def test_end_to_end_peak_memory(runs_here, records, gates):
     """The peak GPU memory of prompt to image stays within the card size the gate names."""
-    measured = records.get(case, "end_to_end")
+    measured = records.get(runs_here, "end_to_end")
     if measured is None or measured.peak_allocated_bytes is None:
-        pytest.skip(f"{case.id} has no end-to-end run with measured GPU memory in this session")
+        pytest.skip(f"{runs_here.id} has no end-to-end run with measured GPU memory in this session")
     gates.require("end_to_end_peak_allocated_bytes", measured.peak_allocated_bytes)

@@ -484,13 +484,10 @@ def prompts(quantgate_run: QuantgateRun) -> PromptSet:
 
 
 @pytest.fixture
-def pipeline(case: Case, quantgate_run: QuantgateRun) -> LoadedPipeline:
-    """The loaded pipeline of ``case``; skips with the exact reason where it cannot run."""
-    reason = quantgate_run.skip_reason(case)
-    if reason:
-        pytest.skip(reason)
+def pipeline(runs_here: Case, quantgate_run: QuantgateRun) -> LoadedPipeline:
+    """The loaded pipeline of the case; skips with the exact reason where it cannot run."""
     try:
-        return quantgate_run.pipelines.get(case)
+        return quantgate_run.pipelines.get(runs_here)
     except SourceUnavailable as exc:
         pytest.skip(str(exc))
     except SourceInvalid as exc:
@@ -569,11 +566,21 @@ def records(quantgate_run: QuantgateRun) -> Records:
 
 
 @pytest.fixture
-def speedup(case: Case, records: Records) -> Callable[[str, str], float]:
+def runs_here(case: Case, quantgate_run: QuantgateRun) -> Case:
+    """The case, after skipping with the exact reason if it cannot run on this machine."""
+    reason = quantgate_run.skip_reason(case)
+    if reason:
+        pytest.skip(reason)
+    return case
+
+
+@pytest.fixture
+def speedup(runs_here: Case, records: Records) -> Callable[[str, str], float]:
     """``speedup(scope, baseline)``: the eager ``baseline``'s median over this case's, same batch.
 
-    Skips, saying why, when either timing is missing from this session.
+    Skips, saying why, when the case cannot run here or either timing is missing from this session.
     """
+    case = runs_here
 
     def compute(scope: str, baseline: str) -> float:
         value, reason = records.speedup(case, scope, baseline)
