@@ -14,7 +14,10 @@ def cuda_time(fn, rounds=10):
     times = []
     for _ in range(rounds):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); e.synchronize()
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
         times.append(s.elapsed_time(e))
     return statistics.median(times)
 

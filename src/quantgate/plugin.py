@@ -35,7 +35,7 @@ from quantgate.measure.memory import synchronize, track_peak
 from quantgate.measure.timing import pedantic
 from quantgate.models import ModelSpec, get_model, model_names
 from quantgate.models.registry import load_models
-from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source, pipeline_dir_problems
+from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
 from quantgate.pipeline import LoadedPipeline, PipelineCache
 from quantgate.prompts import PromptSet
 from quantgate.records import Measurement, Records

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from quantgate.models import get_model
 from quantgate.variants import compile_repeated_blocks, get_variant
 from quantgate.errors import UnknownNameError
 
