@@ -6,20 +6,12 @@ import statistics
 
 import torch
 
+from quantgate.measure.timing import cuda_event_times
+
 
 def cuda_time(fn, rounds=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    """Median milliseconds per call, through the suite's own CUDA-event loop."""
+    return statistics.median(cuda_event_times(fn, "cuda", rounds=rounds, warmup_rounds=3)) * 1e3
 
 
 def probe_cusparselt():

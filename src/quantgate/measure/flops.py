@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from quantgate.measure.footprint import meta_model
+from quantgate.measure.timing import cuda_event_times
 from quantgate.models.families import DenoiserShape, Family
 
 
@@ -46,16 +47,5 @@ def bf16_matmul_peak_tflops(device: str, size: int = 8192, iterations: int = 20)
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=generator)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=generator)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(iterations):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del a, b
-    times.sort()
+    times = sorted(cuda_event_times(lambda: a @ b, device, rounds=iterations, warmup_rounds=3))
     return 2 * size**3 / times[len(times) // 2] / 1e12
