@@ -27,6 +27,7 @@ from quantgate.measure.memory import allocated_bytes, release_memory, synchroniz
 from quantgate.models import ModelSpec, get_model
 from quantgate.models.families import DenoiserShape, get_family, vae_scale
 from quantgate.models.sources import ResolvedSource, SourceContext, get_source
+from quantgate.quant.calibration import CalibrationSettings
 from quantgate.schemes import Scheme, get_scheme
 from quantgate.schemes.base import QuantizationRequest
 from quantgate.variants import get_variant
@@ -126,14 +127,22 @@ class LoadedPipeline:
         }
 
 
-def load_pipeline(case: Case, ctx: SourceContext) -> LoadedPipeline:
-    """Resolve the case's source, load it with its scheme on its device, apply its variant."""
+def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettings | None = None) -> LoadedPipeline:
+    """Resolve the case's source, load it with its scheme on its device, apply its variant.
+
+    ``calibration`` (prompts, samples, seed) is handed to schemes that calibrate; the call
+    arguments (steps, guidance, resolution) come from the case.
+    """
     spec = get_model(case.model)
     scheme = get_scheme(case.scheme)
     variant = get_variant(case.variant)
     source = get_source(case.source).resolve(spec, ctx, case.device)
     kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True, "device_map": case.device}
-    request = QuantizationRequest(spec, (spec.denoiser,))
+    if calibration is not None:
+        calibration = calibration.for_device(case.device, case.call_kwargs())
+    identity = {"model": spec.name, "source": source.kind, "path": str(source.path), "detail": source.detail}
+    request = QuantizationRequest(spec, (spec.denoiser,), device=case.device, identity=identity,
+                                  cache_dir=ctx.cache_dir, calibration=calibration)
     plan = scheme.plan(request)
     if plan.config is not None:
         kwargs["quantization_config"] = plan.config
@@ -184,8 +193,9 @@ def _drop_exception_state() -> None:
 class PipelineCache:
     """Keeps at most one loaded pipeline; tests that share a key reuse it."""
 
-    def __init__(self, ctx: SourceContext):
+    def __init__(self, ctx: SourceContext, calibration: CalibrationSettings | None = None):
         self.ctx = ctx
+        self.calibration = calibration
         self.current: LoadedPipeline | None = None
         self.failures: dict[tuple[str, ...], str] = {}
         self.baselines: dict[str, int | None] = {}
@@ -201,7 +211,7 @@ class PipelineCache:
             self.release()
         self.baselines.setdefault(case.device, allocated_bytes(case.device))
         try:
-            self.current = load_pipeline(case, self.ctx)
+            self.current = load_pipeline(case, self.ctx, self.calibration)
         except (SourceUnavailable, SourceInvalid):
             raise  # cheap to re-check, and the plugin turns them into a skip / usage error
         except Exception as exc:

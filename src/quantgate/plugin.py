@@ -38,6 +38,7 @@ from quantgate.models.registry import load_models
 from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
 from quantgate.pipeline import LoadedPipeline, PipelineCache
 from quantgate.prompts import PromptSet
+from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
 from quantgate.variants import VARIANTS, get_variant
@@ -92,6 +93,10 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "golden-dir": ("golden image store (default: <rootdir>/golden_images)", None),
     "quality-prompts": ("how many gate prompts the quality tests generate, one image each (default: 4)", "4"),
     "artifacts": ("directory for side-by-side sample grids (default: none written)", None),
+    "calibration-prompts": ("calibration prompt file for GPTQ/SVDQuant (default: "
+                            "<rootdir>/fixtures/prompts/calibration.txt)", None),
+    "calibration-samples": ("calibration samples (images generated) for GPTQ/SVDQuant "
+                            "(default: 256 on a GPU, 16 on the CPU tier)", None),
 }
 
 
@@ -113,6 +118,24 @@ def _option(config: pytest.Config, name: str) -> str | None:
     if value is None:
         value = config.getini(key) or None
     return value if value is not None else _OPTIONS[name][1]
+
+
+def _calibration(config: pytest.Config) -> CalibrationSettings:
+    """Calibration settings from the options; the prompt file is read when a scheme needs it."""
+    given = _option(config, "calibration-prompts")
+    path = Path(given or config.rootpath / "fixtures" / "prompts" / "calibration.txt")
+    prompts: tuple[str, ...] = ()
+    if given or path.is_file():  # the default file may be absent where no scheme calibrates
+        try:
+            prompts = PromptSet.load(path).prompts
+        except ConfigFileError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    samples = _option(config, "calibration-samples")
+    seed = _int(_option(config, "seed"), "seed", 0) or 0
+    if samples is None:
+        return CalibrationSettings(prompts, seed=seed, prompts_file=str(path))
+    n = _int(samples, "calibration-samples", 1) or 1
+    return CalibrationSettings(prompts, samples=n, cpu_samples=n, seed=seed, prompts_file=str(path))
 
 
 def _names(value: str | None, valid: Sequence[str], kind: str, lookup: Callable[[str], Any]) -> list[str]:
@@ -259,7 +282,7 @@ class QuantgateRun:
             prompts_path=Path(_option(config, "prompts") or config.rootpath / "fixtures" / "prompts" / "gate.txt"),
             rounds=_int(_option(config, "rounds"), "rounds", 1) or 1,
             warmup_rounds=_int(_option(config, "warmup"), "warmup", 0) or 0,
-            pipelines=PipelineCache(ctx),
+            pipelines=PipelineCache(ctx, _calibration(config)),
             golden_dir=_display_path(Path(_option(config, "golden-dir") or config.rootpath / "golden_images")),
             update_golden=bool(config.getoption("quantgate_update_golden")),
             quality_prompts=_int(_option(config, "quality-prompts"), "quality-prompts", 1) or 4,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
@@ -18,6 +19,7 @@ from packaging.version import InvalidVersion, Version
 
 from quantgate.hardware import DeviceInfo
 from quantgate.models import ModelSpec
+from quantgate.quant.calibration import CalibrationSettings
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,19 @@ class Requirements:
 
 @dataclass(frozen=True)
 class QuantizationRequest:
-    """What a scheme is asked to quantize: which model, which of its components."""
+    """What a scheme is asked to quantize: which model, which of its components.
+
+    Schemes that calibrate on the pipeline (GPTQ, SVDQuant) also get the weights' identity
+    (``identity``: what decides their cached statistics and quantized checkpoints), a cache
+    directory, the device, and the calibration settings (prompts, samples, call arguments).
+    """
 
     spec: ModelSpec
     components: tuple[str, ...]
+    device: str = "cpu"
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    calibration: CalibrationSettings | None = None
 
 
 @dataclass(frozen=True)
