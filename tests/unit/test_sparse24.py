@@ -58,3 +58,28 @@ def test_cusparselt_kernel_matches_the_dense_reference():
     out = layer(x)
     assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 0.01
     assert layer.packed.numel() * layer.packed.element_size() < 256 * 128  # compressed below dense int8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.backends.cusparselt.is_available(),
+                    reason="runs two chained cuSPARSELt layers: needs a CUDA GPU with cuSPARSELt")
+def test_chained_sparse_layers_accept_column_major_inputs():
+    # An MLP's second layer sees the first one's output; inside FLUX a column-major activation
+    # made the kernel fail with "operation not supported" (fixed by passing row-major rows).
+    torch.manual_seed(0)
+    first = Sparse24Int8Linear(torch.nn.Linear(256, 512, dtype=torch.bfloat16, device="cuda"))
+    second = Sparse24Int8Linear(torch.nn.Linear(512, 128, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(2, 64, 256, dtype=torch.bfloat16, device="cuda")
+    hidden = torch.nn.functional.gelu(first(x))
+    column_major = hidden.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out = second(column_major)
+    assert out.is_contiguous()
+    # The row-major input's result is checked against the dense reference by the test above.
+    torch.testing.assert_close(out, second(hidden.contiguous()))
+
+
+def test_the_reference_path_accepts_column_major_inputs():
+    torch.manual_seed(0)
+    layer = Sparse24Int8Linear(torch.nn.Linear(64, 32, dtype=torch.bfloat16))
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x.t().contiguous().t()), layer(x))

@@ -64,7 +64,12 @@ class Sparse24Int8Linear(nn.Module):
         if self.packed is None:
             return self.reference(x, self.dense_int8)
         rows = x.reshape(-1, self.in_features)
+        # Row-major activations, passed as a transposed view: cuSPARSELt 0.8 serves int8 only
+        # with the dense operand transposed ("operation not supported" otherwise). Elementwise
+        # ops keep their input's strides, so a column-major input (the previous sparse layer's
+        # transposed output) would otherwise reach the kernel untransposed.
         q_x, x_scale = quantize_rows(rows)
+        q_x = q_x.contiguous()
         pad = (-q_x.shape[0]) % 16  # cuSPARSELt needs the dense operand's dims in multiples of 16
         if pad:
             q_x = torch.nn.functional.pad(q_x, (0, 0, 0, pad))
@@ -72,7 +77,8 @@ class Sparse24Int8Linear(nn.Module):
         y = y[: rows.shape[0]] * x_scale.to(torch.bfloat16)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        # Hand the next layer a row-major tensor, as a dense linear would.
+        return y.to(x.dtype).contiguous().reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 2:4 sparse int8"
