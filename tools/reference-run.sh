@@ -13,5 +13,5 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi || true; df -h /tmp . || true; python3 -c 'import json, quantgate.hardware as h; print(json.dumps(h.machine_facts(), indent=1))'; } > "$out/environment.txt" 2>&1
-QUANTGATE_COMMIT=${QUANTGATE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} python3 -m pytest -m gpu -p no:cacheprovider --benchmark-json="$out/benchmark.json" "$@" 2>&1 | tee "$out/pytest.log"
+QUANTGATE_COMMIT=${QUANTGATE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} python3 -m pytest -m gpu -p no:cacheprovider --rootdir "$PWD" --benchmark-json="$out/benchmark.json" "$@" 2>&1 | tee "$out/pytest.log"
 exit "${PIPESTATUS[0]}"
