@@ -478,11 +478,16 @@ class _BenchmarkHooks:
         machine_info.update(machine_facts())
 
     def pytest_benchmark_update_commit_info(self, config: pytest.Config, commit_info: dict) -> None:
-        # A GPU runner may test an exported tree without .git; CI systems know the commit.
-        sha = os.environ.get("QUANTGATE_COMMIT") or os.environ.get("GITHUB_SHA")
-        if sha and commit_info.get("id") in (None, "unknown"):
-            commit_info.update(id=sha, commit_source="QUANTGATE_COMMIT" if os.environ.get("QUANTGATE_COMMIT")
-                               else "GITHUB_SHA")
+        # QUANTGATE_COMMIT names the code that runs and wins over git: a copied tree may carry
+        # a stale .git (its HEAD then says another commit, "dirty"). GITHUB_SHA only fills in
+        # where git knows nothing (an exported tree without .git).
+        explicit = os.environ.get("QUANTGATE_COMMIT")
+        if explicit:
+            if commit_info.get("id") not in (None, "unknown", explicit):
+                commit_info["git_head"] = commit_info.get("id")
+            commit_info.update(id=explicit, commit_source="QUANTGATE_COMMIT")
+        elif os.environ.get("GITHUB_SHA") and commit_info.get("id") in (None, "unknown"):
+            commit_info.update(id=os.environ["GITHUB_SHA"], commit_source="GITHUB_SHA")
 
     def pytest_benchmark_update_json(self, config: pytest.Config, benchmarks: list, output_json: dict) -> None:
         output_json["quantgate"] = _run(config).summary()

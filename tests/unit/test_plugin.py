@@ -193,3 +193,25 @@ def test_golden_sets_are_written_on_request_compared_and_guarded(pytester, args,
     tampered = pytester.runpytest_subprocess(*common)
     tampered.assert_outcomes(failed=2)
     tampered.stdout.fnmatch_lines(["*01-seed1.png does not match the sha256 in manifest.json*"])
+
+
+def test_quantgate_commit_names_the_code_even_over_a_stale_git_head(monkeypatch):
+    from quantgate.plugin import _BenchmarkHooks
+
+    monkeypatch.setenv("QUANTGATE_COMMIT", "abc123")
+    info = {"id": "d0db638", "dirty": True}
+    _BenchmarkHooks().pytest_benchmark_update_commit_info(None, info)
+    assert info["id"] == "abc123" and info["git_head"] == "d0db638" and info["commit_source"] == "QUANTGATE_COMMIT"
+
+
+def test_github_sha_only_fills_in_where_git_knows_nothing(monkeypatch):
+    from quantgate.plugin import _BenchmarkHooks
+
+    monkeypatch.delenv("QUANTGATE_COMMIT", raising=False)
+    monkeypatch.setenv("GITHUB_SHA", "feed")
+    known = {"id": "d0db638"}
+    _BenchmarkHooks().pytest_benchmark_update_commit_info(None, known)
+    assert known == {"id": "d0db638"}
+    unknown = {"id": "unknown"}
+    _BenchmarkHooks().pytest_benchmark_update_commit_info(None, unknown)
+    assert unknown["id"] == "feed" and unknown["commit_source"] == "GITHUB_SHA"
