@@ -30,3 +30,36 @@ def test_transformer_output_matches_bf16(case, pipeline, reference, gates):
     expected = reference.transformer_output(output)
 
     gates.require("transformer_output_relative_error_vs_bf16", relative_error(output, expected))
+
+
+def test_images_lpips_vs_reference(case, pipeline, reference, gates, quantgate_run):
+    """Learned perceptual distance to the reference stays within the gate (real weights and a
+    pretrained LPIPS backbone only; never a random network)."""
+    from quantgate.quality.perceptual import lpips, lpips_problem
+
+    reference.require_meaningful_images("LPIPS")
+    net = quantgate_run.lpips_net
+    if problem := lpips_problem(net):
+        pytest.skip(problem)
+    images = reference.case_images()
+    expected, _ = reference.images(images)
+
+    gates.require("image_lpips_vs_reference", lpips(images, expected, net=net, device=case.device))
+
+
+def test_clip_score_vs_reference(case, pipeline, reference, gates, quantgate_run):
+    """The images match their prompts (CLIP cosine) about as well as the reference images do
+    (real weights and a pretrained CLIP only)."""
+    from quantgate.quality.perceptual import clip_problem
+
+    reference.require_meaningful_images("CLIP score")
+    if problem := clip_problem(quantgate_run.clip_model):
+        pytest.skip(problem)
+    images = reference.case_images()
+    expected, _ = reference.images(images)
+    scorer = quantgate_run.clip_scorer(case.device)
+    prompts = [prompt for prompt, _ in reference.pairs]
+    score = scorer.mean(images, prompts)
+
+    gates.require_all({"clip_score_cosine": score,
+                       "clip_score_ratio_vs_reference": score / scorer.mean(expected, prompts)})

@@ -56,6 +56,12 @@ METRICS: dict[str, Metric] = {
         "fraction", "mean SSIM of the images against the same reference"),
     "transformer_output_relative_error_vs_bf16": Metric(
         "fraction", "||out - bf16 out|| / ||bf16 out|| of one transformer forward on fixed seeded inputs", better="lower"),
+    "image_lpips_vs_reference": Metric(
+        "fraction", "mean LPIPS distance of the images to the reference (pretrained backbone only)", better="lower"),
+    "clip_score_cosine": Metric(
+        "fraction", "mean cosine of CLIP image and prompt embeddings (pretrained CLIP only)"),
+    "clip_score_ratio_vs_reference": Metric(
+        "fraction", "the images' mean CLIP cosine divided by the reference images' on the same prompts"),
     "leaked_gpu_bytes": Metric(
         "bytes", "GPU bytes still allocated after a pipeline is released, above the session's baseline", better="lower"),
 }

@@ -93,6 +93,10 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "golden-dir": ("golden image store (default: <rootdir>/golden_images)", None),
     "quality-prompts": ("how many gate prompts the quality tests generate, one image each (default: 4)", "4"),
     "artifacts": ("directory for side-by-side sample grids (default: none written)", None),
+    "lpips-net": ("LPIPS backbone: alex, vgg or squeeze (default: alex); needs torchvision's pretrained "
+                  "checkpoint in $TORCH_HOME/hub/checkpoints", "alex"),
+    "clip-model": ("CLIP checkpoint for CLIP score: a directory or a hub repo id in the offline HF cache "
+                   "(default: openai/clip-vit-large-patch14)", "openai/clip-vit-large-patch14"),
     "calibration-prompts": ("calibration prompt file for GPTQ/SVDQuant (default: "
                             "<rootdir>/fixtures/prompts/calibration.txt)", None),
     "calibration-samples": ("calibration samples (images generated) for GPTQ/SVDQuant "
@@ -219,6 +223,8 @@ class QuantgateRun:
     update_golden: bool = False
     quality_prompts: int = 4
     artifacts_dir: Path | None = None
+    lpips_net: str = "alex"
+    clip_model: str = "openai/clip-vit-large-patch14"
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     releases: list[dict[str, Any]] = field(default_factory=list)
@@ -229,6 +235,7 @@ class QuantgateRun:
     _peaks: dict[str, float | None] = field(default_factory=dict)
     _sources: dict[tuple[str, str], str] = field(default_factory=dict)
     _prompts: PromptSet | None = None
+    _clip: Any = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> QuantgateRun:
@@ -287,6 +294,8 @@ class QuantgateRun:
             update_golden=bool(config.getoption("quantgate_update_golden")),
             quality_prompts=_int(_option(config, "quality-prompts"), "quality-prompts", 1) or 4,
             artifacts_dir=Path(_option(config, "artifacts")) if _option(config, "artifacts") else None,
+            lpips_net=_option(config, "lpips-net") or "alex",
+            clip_model=_option(config, "clip-model") or "openai/clip-vit-large-patch14",
         )
 
     def choose_source(self, spec: ModelSpec, device: str) -> str:
@@ -314,6 +323,14 @@ class QuantgateRun:
         if self._prompts is None:
             self._prompts = PromptSet.load(self.prompts_path)
         return self._prompts
+
+    def clip_scorer(self, device: str) -> Any:
+        """The session's CLIP scorer on ``device`` (loaded once)."""
+        from quantgate.quality.perceptual import ClipScorer
+
+        if self._clip is None or self._clip.device != device:
+            self._clip = ClipScorer(self.clip_model, device)
+        return self._clip
 
     def skip_reason(self, case: Case) -> str | None:
         """Why ``case`` cannot run on this machine, or None."""
@@ -727,6 +744,25 @@ class QualityReference:
                         f"{self.run.golden_dir / case.model / case.source} and no bf16 eager run before this case "
                         "in this session (include bf16 in --quantgate-schemes)")
         return samples["reference"], "bf16 eager of this session"
+
+    def case_images(self) -> Any:
+        """This case's images for the gate prompts: the ones an earlier quality test of the same
+        case generated, else generated now."""
+        import numpy as np
+
+        key = (self.case.device, self.case.model, self.case.source)
+        label = f"{self.case.scheme} {self.case.variant}"
+        cached = self.run.records.images.get(key, {}).get(label)
+        if cached is not None and len(cached) == len(self.pairs):
+            return cached
+        return np.concatenate([self.loaded.generate(self.case, [prompt], seed=seed) for prompt, seed in self.pairs])
+
+    def require_meaningful_images(self, metric: str) -> None:
+        """Skip where images show nothing: random weights (synthetic, tiny) generate noise."""
+        if self.loaded.source.kind in ("synthetic", "tiny"):
+            pytest.skip(f"{metric} judges what images show, and {self.case.model}'s {self.loaded.source.kind} weights "
+                        "are random: its images are noise, only the numerical gates (PSNR, SSIM, relative error) "
+                        "apply; run with --quantgate-source hub or path (real weights) to measure it")
 
     def transformer_output(self, output: Any) -> Any:
         """The bf16 eager transformer output on the same inputs (recorded by the bf16 case)."""
