@@ -10,12 +10,22 @@ from torch import nn
 
 from quantgate.measure.footprint import module_footprint
 from quantgate.quant.int4 import pack_int4, unpack_int4
-from quantgate.quant.nvfp4 import (E2M1_GRID, decode_e2m1, dequantize_nvfp4, encode_e2m1, fp8_dtype,
-                                   quantize_nvfp4)
-from quantgate.quant.svdquant import (Int4WeightOnlyLinear, SmoothStats, SVDQuantConfig, SVDQuantLinear,
-                                      block_linears, dequantize_int4_weight, fake_quantize_int4, low_rank_disabled,
-                                      low_rank_split, quantize_int4_weight, quantize_model, smoothing_factors,
-                                      svdquant_linear)
+from quantgate.quant.lowrank import without_low_rank
+from quantgate.quant.nvfp4 import E2M1_GRID, decode_e2m1, dequantize_nvfp4, encode_e2m1, fp8_dtype, quantize_nvfp4
+from quantgate.quant.svdquant import (
+    Int4WeightOnlyLinear,
+    SmoothStats,
+    SVDQuantConfig,
+    SVDQuantLinear,
+    block_linears,
+    dequantize_int4_weight,
+    fake_quantize_int4,
+    low_rank_split,
+    quantize_int4_weight,
+    quantize_model,
+    smoothing_factors,
+    svdquant_linear,
+)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -62,7 +72,7 @@ def test_weight_reconstruction_error_falls_as_rank_grows() -> None:
         r = w - up @ down
         packed, scales = quantize_int4_weight(r, 64)
         errors.append(_rel(up @ down + dequantize_int4_weight(packed, scales), w))
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 0.2 * errors[0]
 
 
@@ -209,13 +219,15 @@ def test_the_low_rank_switch_turns_the_branch_off_and_restores_it() -> None:
     w, x = _structured_weight(), _outlier_inputs()
     model = nn.Sequential(svdquant_linear(_linear(w), x.abs().amax(0), x[:64], SVDQuantConfig(rank=16))[0])
     with_branch = model(x[:8])
-    with low_rank_disabled(model) as count:
+    with without_low_rank(model) as count:
         without = model(x[:8])
     assert count == 1 and model[0].low_rank
     layer = model[0]
     branch = (x[:8] / layer.smooth.float()) @ layer.lora_down.float().t() @ layer.lora_up.float().t()
     torch.testing.assert_close(with_branch - without, branch, rtol=1e-4, atol=1e-3)
     assert torch.equal(model(x[:8]), with_branch)
+    with pytest.raises(LookupError, match="no low-rank branch"), without_low_rank(nn.Linear(4, 4)):
+        pass
 
 
 def test_packed_storage_is_the_footprint() -> None:

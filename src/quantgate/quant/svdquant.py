@@ -17,7 +17,7 @@ For a linear layer ``y = x Wᵀ`` (torch's (out, in) weight):
 ``SVDQuantLinear`` is a *reference*: the footprint is real (packed weights), the arithmetic is
 simulated (the residual is dequantized and activations fake-quantized, then a bf16 matmul), so
 it is slower than bf16, not a fused W4A4 kernel like nunchaku's. Its ``low_rank`` switch turns
-the branch off to time what the unfused branch costs.
+the branch off to time what the unfused branch costs (``quantgate.quant.lowrank``).
 
 The per-image linears (adaLN modulation: one row per image) stay W4A16 as in nunchaku, here
 round-to-nearest asymmetric INT4 per group of 64 (``Int4WeightOnlyLinear``); AWQ's
@@ -30,8 +30,7 @@ import math
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -156,7 +155,8 @@ def quantize_int4_weight(weight: torch.Tensor, group_size: int) -> tuple[torch.T
     return pack_int4(q), scale
 
 
-def dequantize_int4_weight(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4_weight(packed: torch.Tensor, scales: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (out, in) weight from :func:`quantize_int4_weight`'s output, in ``dtype``."""
     q = unpack_int4(packed, signed=True)
     return q.to(dtype) * expand_groups(scales.to(dtype), q.shape[1])
@@ -251,21 +251,8 @@ class Int4WeightOnlyLinear(nn.Module):
         return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, group {self.group_size}"
-
-
-@contextmanager
-def low_rank_disabled(model: nn.Module) -> Iterator[int]:
-    """Turn every ``SVDQuantLinear``'s low-rank branch off inside the block; yields how many."""
-    layers = [m for m in model.modules() if isinstance(m, SVDQuantLinear)]
-    before = [m.low_rank for m in layers]
-    for m in layers:
-        m.low_rank = False
-    try:
-        yield len(layers)
-    finally:
-        for m, state in zip(layers, before):
-            m.low_rank = state
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, "
+                f"group {self.group_size}")
 
 
 # -- quantizing one layer -------------------------------------------------------------------------
@@ -328,7 +315,8 @@ def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: 
         error = math.nan
         if x is not None:
             xs = x / lam
-            y_hat = _fake_quantize_act(xs, config.precision, group) @ r_deq.t() + (xs @ down.float().t()) @ up.float().t()
+            branch = (xs @ down.float().t()) @ up.float().t()
+            y_hat = _fake_quantize_act(xs, config.precision, group) @ r_deq.t() + branch
             error = _relative(y, y_hat)
         if alpha is None:
             unsmoothed = error

@@ -12,7 +12,7 @@ from quantgate.errors import UnknownNameError
 from quantgate.schemes.base import Requirements, Scheme
 
 _BACKENDS = ("bf16", "bitsandbytes", "torchao", "sparse",
-             "svdquant")  # SVDQuant: quantgate's reference
+             "svdquant", "nunchaku")  # SVDQuant: quantgate's reference, and the nunchaku engine
 
 
 def _load() -> dict[str, Scheme]:
