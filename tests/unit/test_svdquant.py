@@ -24,6 +24,7 @@ from quantgate.quant.svdquant import (
     quantize_int4_weight,
     quantize_model,
     smoothing_factors,
+    storage_breakdown,
     svdquant_linear,
 )
 
@@ -263,6 +264,9 @@ def test_quantize_model_replaces_block_linears_and_per_image_linears_only() -> N
     assert isinstance(model.blocks[0]["norm"]["linear"], Int4WeightOnlyLinear)
     assert facts["w4a4_linears"] == 2 and facts["w4a16_linears"] == 2 and facts["bf16_linears"] == ["embed", "out"]
     assert facts["ranks"] == {4: 2}
+    parts = storage_breakdown(model)
+    assert sum(parts.values()) == module_footprint(model).total_bytes
+    assert parts["w4a4_residual"] == 2 * 64 * 64 // 2 and parts["low_rank_branch"] == 2 * 4 * (64 + 64) * 2
     # a layer without statistics gets no smoothing (alpha None), one with them is searched
     assert sum(facts["alpha_counts"].values()) == 2 and "None" in facts["alpha_counts"]
 

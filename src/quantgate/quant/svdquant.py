@@ -418,18 +418,20 @@ def quantize_model(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tens
     """Replace ``model``'s linears in place, layer by layer: block linears by ``SVDQuantLinear``
     (with ``stats[name]`` = {"absmax", "sample"}), per-image linears by ``Int4WeightOnlyLinear``;
     every other linear (input/output embedders) stays bf16. Returns facts for the record."""
-    targets = block_linears(model, per_image)
-    w4a16 = per_image_linears(model, per_image)
+    # Names only: a 16-bit layer is freed as soon as its quantized replacement is in place, so
+    # the model never holds both versions of more than one layer.
+    targets = list(block_linears(model, per_image))
+    w4a16 = list(per_image_linears(model, per_image))
     results: dict[str, LayerResult] = {}
     with torch.no_grad():
-        for name, linear in tqdm(list(targets.items()), desc="quantgate: svdquant", unit="linear",
-                                 disable=not progress):
+        for name in tqdm(targets, desc="quantgate: svdquant", unit="linear", disable=not progress):
             layer_stats = stats.get(name, {})
-            module, result = svdquant_linear(linear, layer_stats.get("absmax"), layer_stats.get("sample"), config)
+            module, result = svdquant_linear(model.get_submodule(name), layer_stats.get("absmax"),
+                                             layer_stats.get("sample"), config)
             _replace(model, name, module)
             results[name] = result
-        for name, linear in w4a16.items():
-            _replace(model, name, Int4WeightOnlyLinear(linear, config.per_image_group_size))
+        for name in w4a16:
+            _replace(model, name, Int4WeightOnlyLinear(model.get_submodule(name), config.per_image_group_size))
     untouched = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     errors = [r.output_error for r in results.values() if not math.isnan(r.output_error)]
     unsmoothed = [r.output_error_unsmoothed for r in results.values() if not math.isnan(r.output_error_unsmoothed)]
@@ -444,3 +446,24 @@ def quantize_model(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tens
         "mean_layer_output_error": sum(errors) / len(errors) if errors else None,
         "mean_layer_output_error_unsmoothed": sum(unsmoothed) / len(unsmoothed) if unsmoothed else None,
     }
+
+
+def storage_breakdown(model: nn.Module) -> dict[str, int]:
+    """Bytes of ``model`` by role: the W4A4 layers' packed residual, scales, low-rank branch and
+    smoothing factors, the W4A16 layers, and everything else (16-bit)."""
+    parts = {"w4a4_residual": 0, "w4a4_scales": 0, "low_rank_branch": 0, "smoothing": 0, "w4a16": 0, "other": 0}
+    role = {"qweight": "w4a4_residual", "wscales": "w4a4_scales", "wtscale": "w4a4_scales",
+            "lora_down": "low_rank_branch", "lora_up": "low_rank_branch", "smooth": "smoothing"}
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is None:
+                continue
+            size = tensor.numel() * tensor.element_size()
+            if isinstance(module, SVDQuantLinear):
+                parts[role.get(name, "other")] += size
+            elif isinstance(module, Int4WeightOnlyLinear):
+                parts["w4a16"] += size if name != "bias" else 0
+                parts["other"] += size if name == "bias" else 0
+            else:
+                parts["other"] += size
+    return parts

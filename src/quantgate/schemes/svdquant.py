@@ -12,6 +12,7 @@ not a fast kernel.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -40,20 +41,28 @@ def make_post_load(config: SVDQuantConfig):
     """The ``post_load`` step of an SVDQuant scheme with ``config``."""
 
     def post_load(pipe: Any, request: QuantizationRequest) -> dict[str, Any]:
+        from quantgate.measure.memory import synchronize
         from quantgate.quant.calibration import collect_cached
-        from quantgate.quant.svdquant import block_linears, quantize_model, stats_factory
+        from quantgate.quant.svdquant import block_linears, quantize_model, stats_factory, storage_breakdown
 
         settings = calibration_for(request)
         notes: dict[str, Any] = {}
         for name in request.components:
             module = getattr(pipe, name)
             targets = block_linears(module, request.spec.per_image_linears)
+            start = time.perf_counter()
             kind = f"svdquant-absmax-sample{config.sample_rows}"
             stats, facts = collect_cached(pipe, module, targets, stats_factory(config, settings.seed),
                                           kind, settings, {**request.identity, "component": name},
                                           request.cache_dir, desc=f"quantgate: svdquant calibration ({name})")
+            del targets  # holds every 16-bit layer: quantize_model frees them one by one
+            calibrated = time.perf_counter()
             result = quantize_model(module, stats, config, request.spec.per_image_linears)
-            result["calibration"] = {**facts, "steps": settings.call_kwargs.get("num_inference_steps")}
+            synchronize(request.device)
+            result["calibration"] = {**facts, "steps": settings.call_kwargs.get("num_inference_steps"),
+                                     "seconds": round(calibrated - start, 3)}
+            result["quantize_seconds"] = round(time.perf_counter() - calibrated, 3)
+            result["storage_bytes"] = storage_breakdown(module)
             result["per_image_linears"] = {
                 "pattern": request.spec.per_image_linears,
                 "format": f"INT4 weight-only, asymmetric RTN, group {config.per_image_group_size}, bf16 activations",
