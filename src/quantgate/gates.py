@@ -64,6 +64,10 @@ METRICS: dict[str, Metric] = {
         "fraction", "the images' mean CLIP cosine divided by the reference images' on the same prompts"),
     "leaked_gpu_bytes": Metric(
         "bytes", "GPU bytes still allocated after a pipeline is released, above the session's baseline", better="lower"),
+    # SVDQuant
+    "low_rank_branch_timing_overhead": Metric(
+        "fraction", "transformer forward median with the low-rank branch over the median without it, minus 1",
+        better="lower"),
 }
 
 SELECTORS: dict[str, type] = {"model": str, "source": str, "scheme": str, "variant": str, "batch": int,

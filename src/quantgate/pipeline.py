@@ -97,7 +97,7 @@ class LoadedPipeline:
         """Denoiser FLOPs of one call of ``scope``: one forward, or every step of a generation."""
         family = get_family(self.spec.family)
         model_class = self.spec.component(self.spec.denoiser).load_class()
-        if scope == "transformer":
+        if scope == "transformer" or scope.startswith("transformer-"):  # e.g. transformer-no-low-rank
             return forward_flops(model_class, self.denoiser_config(), family, self.denoiser_shape(case))
         rows = family.rows_per_image(case.guidance_scale)
         per_step = forward_flops(model_class, self.denoiser_config(), family, self.denoiser_shape(case, rows))
@@ -147,6 +147,8 @@ def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettin
     if plan.config is not None:
         kwargs["quantization_config"] = plan.config
     start = time.perf_counter()
+    for name, build in plan.components.items():  # components the scheme loads itself
+        kwargs[name] = build(case.device)
     pipe = spec.pipeline_class().from_pretrained(source.path, **kwargs)
     synchronize(case.device)
     load_seconds = time.perf_counter() - start

@@ -336,7 +336,7 @@ class QuantgateRun:
         """Why ``case`` cannot run on this machine, or None."""
         if case.device == "cuda" and not cuda_available():
             return no_cuda_reason()
-        return get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device))
+        return get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device), case.model)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Keep each test's outcome, skip reason and wall time (setup + call + teardown)."""

@@ -11,7 +11,8 @@ import importlib
 from quantgate.errors import UnknownNameError
 from quantgate.schemes.base import Requirements, Scheme
 
-_BACKENDS = ("bf16", "bitsandbytes", "torchao", "sparse")
+_BACKENDS = ("bf16", "bitsandbytes", "torchao", "sparse",
+             "svdquant", "nunchaku")  # SVDQuant: quantgate's reference, and the nunchaku engine
 
 
 def _load() -> dict[str, Scheme]:

@@ -32,13 +32,38 @@ class Requirements:
     max_capability: tuple[int, int] | None = None
     device_note: str = ""  # why a device is excluded, appended to the skip reason
     capability_note: str = ""
+    # Exact compute capabilities an engine is built for (nunchaku: sm_75/80/86/89 for INT4),
+    # checked besides the min/max range; None allows any.
+    capabilities: frozenset[tuple[int, int]] | None = None
+    models: frozenset[str] | None = None  # models the scheme supports; None: every model
+    model_note: str = ""
+    # A last check after the packages (e.g. that an installed distribution is the right
+    # project): returns the reason it fails, or None.
+    probe: Callable[[], str | None] | None = None
 
-    def unmet(self, scheme: str, device: DeviceInfo) -> str | None:
-        """The reason ``scheme`` cannot run on ``device`` with the installed packages, or None."""
+    def unmet(self, scheme: str, device: DeviceInfo, model: str | None = None) -> str | None:
+        """The reason ``scheme`` cannot run on ``device`` (for ``model``, when given) with the
+        installed packages, or None. Hardware is checked before packages: installing a package
+        does not help a GPU the engine has no kernels for."""
         if device.type not in self.devices:
             allowed = " or ".join("a CUDA GPU" if d == "cuda" else "the CPU" for d in sorted(self.devices))
             note = f" ({self.device_note})" if self.device_note else ""
             return f"{scheme} runs only on {allowed}{note}; the device here is {device.type}"
+        if model is not None and self.models is not None and model not in self.models:
+            note = f" ({self.model_note})" if self.model_note else ""
+            return f"{scheme} supports only {', '.join(sorted(self.models))}, not {model}{note}"
+        if device.capability is not None:
+            low, high = self.min_capability, self.max_capability
+            if (low and device.capability < low) or (high and device.capability > high):
+                bounds = f"sm_{low[0]}{low[1]}" if low else "any"
+                bounds += f"–sm_{high[0]}{high[1]}" if high else " or newer"
+                note = f" ({self.capability_note})" if self.capability_note else ""
+                return f"{scheme} needs compute capability {bounds}; {device.name} is {device.sm}{note}"
+            if self.capabilities is not None and tuple(device.capability) not in self.capabilities:
+                names = [f"sm_{a}{b}" for a, b in sorted(self.capabilities)]
+                allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+                note = f" ({self.capability_note})" if self.capability_note else ""
+                return f"{scheme} needs compute capability {allowed}; {device.name} is {device.sm}{note}"
         for dist, spec in self.packages.items():
             try:
                 installed = importlib.metadata.version(dist)
@@ -50,13 +75,8 @@ class Requirements:
                 ok = True  # local builds with odd version strings: let the import decide
             if not ok:
                 return f"{scheme} needs {dist}{spec}, found {dist} {installed}: pip install -U '{dist}{spec}'"
-        if device.capability is not None:
-            low, high = self.min_capability, self.max_capability
-            if (low and device.capability < low) or (high and device.capability > high):
-                bounds = f"sm_{low[0]}{low[1]}" if low else "any"
-                bounds += f"–sm_{high[0]}{high[1]}" if high else " or newer"
-                note = f" ({self.capability_note})" if self.capability_note else ""
-                return f"{scheme} needs compute capability {bounds}; {device.name} is {device.sm}{note}"
+        if self.probe is not None:
+            return self.probe()
         return None
 
 
@@ -83,6 +103,10 @@ class QuantizationPlan:
 
     config: Any | None  # a diffusers PipelineQuantizationConfig, or None for no quantization
     notes: Mapping[str, Any] = field(default_factory=dict)
+    # Components the scheme builds itself instead of loading them from the directory (e.g. a
+    # pre-quantized nunchaku transformer): name -> loader taking the device; each result is
+    # passed to ``Pipeline.from_pretrained`` as that component.
+    components: Mapping[str, Callable[[str], Any]] = field(default_factory=dict)
 
 
 def _no_quantization(request: QuantizationRequest) -> QuantizationPlan:

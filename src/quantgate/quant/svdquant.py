@@ -1,0 +1,469 @@
+"""SVDQuant (arXiv 2411.05007): W4A4 with a 16-bit low-rank branch that absorbs outliers.
+
+For a linear layer ``y = x Wᵀ`` (torch's (out, in) weight):
+
+1. smoothing: per input channel ``λ_j = max|x_j|^α / max|W_:j|^(1-α)`` (SmoothQuant's rule)
+   migrates activation outliers into the weight: ``x̂ = x / λ``, ``Ŵ = W · diag(λ)``;
+   the migration strength ``α`` is searched per layer over a small grid (plus "no smoothing")
+   for the smallest output error on a sample of the layer's real calibration inputs;
+2. low-rank branch: the top-``r`` singular triplets of ``Ŵ`` (``lora_up`` (out, r) holds U·S,
+   ``lora_down`` (r, in) holds Vᵀ), kept in bf16;
+3. residual ``R = Ŵ - lora_up · lora_down`` quantized to signed INT4 with one bf16 scale per
+   group of 64 input channels, stored packed two values a byte (or NVFP4: E2M1 values with an
+   FP8 E4M3 scale per 16 and one FP32 tensor scale);
+4. at run time ``y = Q(x̂) · deq(R)ᵀ + (x̂ · lora_downᵀ) · lora_upᵀ + b`` with ``Q`` quantizing
+   activations per token and group of 64 (INT4) or 16 (NVFP4) on the fly.
+
+``SVDQuantLinear`` is a *reference*: the footprint is real (packed weights), the arithmetic is
+simulated (the residual is dequantized and activations fake-quantized, then a bf16 matmul), so
+it is slower than bf16, not a fused W4A4 kernel like nunchaku's. Its ``low_rank`` switch turns
+the branch off to time what the unfused branch costs (``quantgate.quant.lowrank``).
+
+The per-image linears (adaLN modulation: one row per image) stay W4A16 as in nunchaku, here
+round-to-nearest asymmetric INT4 per group of 64 (``Int4WeightOnlyLinear``); AWQ's
+activation-aware scale search is not applied to them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantgate.quant.int4 import GroupSpec, expand_groups, pack_int4, quantize_rtn, quantize_with, unpack_int4
+from quantgate.quant.nvfp4 import BLOCK as NVFP4_BLOCK
+from quantgate.quant.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4, quantize_nvfp4
+
+PRECISIONS = ("int4", "nvfp4")
+INT4_MAX = 7  # signed symmetric grid [-7, 7]
+
+
+@dataclass(frozen=True)
+class SVDQuantConfig:
+    """Settings of one SVDQuant run."""
+
+    precision: str = "int4"  # "int4" or "nvfp4"
+    rank: int = 32  # the paper's default; 16-256 are sensible, 0 disables the branch
+    group_size: int = 64  # INT4 group along the input dim (weights and activations); NVFP4 uses 16
+    # Migration strengths tried per layer; None is "no smoothing" (kept when smoothing hurts).
+    alphas: tuple[float | None, ...] = (None, 0.3, 0.4, 0.5, 0.6, 0.7)
+    # The rank is capped at this share of the layer's smaller side, so that on tiny test models
+    # the branch stays a small part of each layer; it never binds on full-size FLUX.1 (3072/8 =
+    # 384) and binds on SD3.5 Medium only above rank 192.
+    max_rank_fraction: float = 0.125
+    svd: str = "auto"  # "exact" (torch.linalg.svd), "lowrank" (torch.svd_lowrank), "auto"
+    sample_rows: int = 128  # calibration input rows kept per layer for the strength search
+    per_image_group_size: int = 64  # W4A16 group of the per-image linears (nunchaku's AWQ: 64)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if self.svd not in ("exact", "lowrank", "auto"):
+            raise ValueError(f"svd must be 'exact', 'lowrank' or 'auto', got {self.svd!r}")
+        if not self.alphas:
+            raise ValueError("alphas must name at least one migration strength (None for no smoothing)")
+
+    def group_for(self, in_features: int) -> int:
+        """The quantization group of a layer with ``in_features`` inputs."""
+        if self.precision == "nvfp4":
+            if in_features % NVFP4_BLOCK:
+                raise ValueError(f"NVFP4 needs in_features divisible by {NVFP4_BLOCK}, got {in_features}")
+            return NVFP4_BLOCK
+        # Layers narrower than a group (tiny test models) use the largest common divisor.
+        return math.gcd(in_features, self.group_size)
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        """The low-rank branch's rank for an (out, in) layer: ``rank`` under the size cap."""
+        cap = max(1, int(min(out_features, in_features) * self.max_rank_fraction))
+        return min(self.rank, cap)
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self), "alphas": [a for a in self.alphas]}
+
+
+# -- the pieces of the algorithm ----------------------------------------------------------------
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    """Per-input-channel factors ``λ`` (float32, rounded to bf16 as they are stored).
+
+    ``λ_j = max|x_j|^α / max_i |W_ij|^(1-α)``; channels never active or with a zero weight
+    column keep ``λ = 1``. ``alpha=None`` means no smoothing (all ones).
+    """
+    in_features = weight.shape[1]
+    if alpha is None:
+        return torch.ones(in_features, dtype=torch.float32, device=weight.device)
+    a = act_absmax.float().to(weight.device)
+    w = weight.float().abs().amax(dim=0)
+    lam = a.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1 - alpha)
+    lam = torch.where((a > 0) & (w > 0), lam, torch.ones_like(lam)).clamp(1e-4, 1e4)
+    return lam.to(torch.bfloat16).float()
+
+
+def low_rank_split(weight: torch.Tensor, rank: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` approximation ``up @ down`` of ``weight`` (out, in), in float32.
+
+    ``up`` (out, r) carries the singular values, ``down`` (r, in) the right singular vectors.
+    ``exact`` is a full SVD; ``lowrank`` is torch's randomized SVD (fast on large layers);
+    ``auto`` uses the randomized one on CUDA for layers whose smaller side exceeds 1024.
+    """
+    w = weight.float()
+    out_features, in_features = w.shape
+    rank = min(rank, out_features, in_features)
+    if rank == 0:
+        return w.new_zeros(out_features, 0), w.new_zeros(0, in_features)
+    use_lowrank = method == "lowrank" or (method == "auto" and w.is_cuda and min(w.shape) > 1024)
+    if use_lowrank:
+        q = min(rank + 16, out_features, in_features)
+        u, s, v = torch.svd_lowrank(w, q=q, niter=4)
+        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].t()
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    return u * s, vh.contiguous()
+
+
+def fake_quantize_int4(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` rounded through signed INT4 with one absmax scale per row and group (same dtype)."""
+    shape = x.shape
+    g = x.reshape(-1, shape[-1] // group_size, group_size).float()
+    scale = g.abs().amax(dim=-1, keepdim=True) / INT4_MAX
+    q = torch.where(scale > 0, torch.round(g / scale.clamp(min=1e-30)), torch.zeros_like(g)).clamp(-INT4_MAX, INT4_MAX)
+    return (q * scale).to(x.dtype).reshape(shape)
+
+
+def quantize_int4_weight(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed INT4 per (row, group) of ``group_size``: (packed uint8 (out, in/2), bf16 scales (out, groups)).
+
+    Values are rounded against the bf16 scales that are stored, so dequantizing is exact.
+    """
+    spec = GroupSpec(bits=4, group_size=group_size, symmetric=True)
+    _, scale, _ = quantize_rtn(weight, spec)
+    scale = scale.to(torch.bfloat16)
+    q = quantize_with(weight, expand_groups(scale.float(), weight.shape[1]), None, 4)
+    return pack_int4(q), scale
+
+
+def dequantize_int4_weight(packed: torch.Tensor, scales: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (out, in) weight from :func:`quantize_int4_weight`'s output, in ``dtype``."""
+    q = unpack_int4(packed, signed=True)
+    return q.to(dtype) * expand_groups(scales.to(dtype), q.shape[1])
+
+
+def _fake_quantize_act(x: torch.Tensor, precision: str, group_size: int) -> torch.Tensor:
+    if precision == "nvfp4":
+        return fake_quantize_nvfp4(x, group_size)
+    return fake_quantize_int4(x, group_size)
+
+
+# -- modules -----------------------------------------------------------------------------------
+
+
+class SVDQuantLinear(nn.Module):
+    """A linear layer as SVDQuant stores it: smoothing factors, a bf16 low-rank branch
+    (``lora_down`` (r, in), ``lora_up`` (out, r)) and a packed 4-bit residual.
+
+    The forward is a simulation (see the module docstring); ``low_rank = False`` skips the branch.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, precision: str, group_size: int,
+                 bias: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.precision, self.group_size = rank, precision, group_size
+        self.low_rank = True
+        kw = {"device": device}
+        self.register_buffer("smooth", torch.ones(in_features, dtype=dtype, **kw))
+        self.register_buffer("lora_down", torch.zeros(rank, in_features, dtype=dtype, **kw))
+        self.register_buffer("lora_up", torch.zeros(out_features, rank, dtype=dtype, **kw))
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw))
+        groups = in_features // group_size
+        if precision == "nvfp4":
+            from quantgate.quant.nvfp4 import fp8_dtype
+
+            self.register_buffer("wscales", torch.zeros(out_features, groups, dtype=fp8_dtype(), **kw))
+            self.register_buffer("wtscale", torch.ones(1, dtype=torch.float32, **kw))
+        else:
+            self.register_buffer("wscales", torch.zeros(out_features, groups, dtype=dtype, **kw))
+            self.wtscale = None
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+
+    def residual(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized 4-bit residual ``deq(R)`` (out, in)."""
+        if self.precision == "nvfp4":
+            codes = unpack_int4(self.qweight, signed=False)
+            return dequantize_nvfp4(codes, self.wscales, self.wtscale).to(dtype)
+        return dequantize_int4_weight(self.qweight, self.wscales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x / self.smooth.to(x.dtype)
+        y = F.linear(_fake_quantize_act(xs, self.precision, self.group_size), self.residual(x.dtype),
+                     None if self.bias is None else self.bias.to(x.dtype))
+        if self.low_rank and self.rank:
+            y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"precision={self.precision}, group_size={self.group_size}, low_rank={self.low_rank}")
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """W4A16: asymmetric INT4 weights per group (packed, bf16 scale, uint8 zero point), bf16 activations."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 64):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group_size = math.gcd(linear.in_features, group_size)
+        spec = GroupSpec(bits=4, group_size=self.group_size, symmetric=False)
+        weight = linear.weight.detach().float()
+        _, scale, zero = quantize_rtn(weight, spec)
+        scale = scale.to(torch.bfloat16)
+        q = quantize_with(weight, expand_groups(scale.float(), self.in_features),
+                          expand_groups(zero, self.in_features), 4)
+        self.register_buffer("qweight", pack_int4(q))
+        self.register_buffer("scales", scale)
+        self.register_buffer("zeros", zero.to(torch.uint8))
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized (out, in) weight."""
+        q = unpack_int4(self.qweight, signed=False).to(dtype)
+        zero = expand_groups(self.zeros.to(dtype), self.in_features)
+        return (q - zero) * expand_groups(self.scales.to(dtype), self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, "
+                f"group {self.group_size}")
+
+
+# -- quantizing one layer -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What the strength search found for one layer."""
+
+    alpha: float | None
+    rank: int
+    group_size: int
+    output_error: float  # ||y - ŷ|| / ||y|| on the calibration sample (NaN without one)
+    output_error_unsmoothed: float  # the same with alpha None (no smoothing)
+
+
+def _relative(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(y - y_hat) / torch.linalg.vector_norm(y).clamp(min=1e-30))
+
+
+def _quantize_residual(r: torch.Tensor, precision: str, group: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    if precision == "nvfp4":
+        codes, block_scale, tensor_scale = quantize_nvfp4(r, group)
+        parts = {"qweight": pack_int4(codes.to(torch.int8)), "wscales": block_scale, "wtscale": tensor_scale}
+        return parts, dequantize_nvfp4(codes, block_scale, tensor_scale)
+    packed, scales = quantize_int4_weight(r, group)
+    return {"qweight": packed, "wscales": scales}, dequantize_int4_weight(packed, scales)
+
+
+def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: torch.Tensor | None,
+                    config: SVDQuantConfig) -> tuple[SVDQuantLinear, LayerResult]:
+    """Quantize one ``nn.Linear`` with SVDQuant, searching the migration strength per layer.
+
+    ``act_absmax`` is the calibration's largest |x| per input channel; ``sample`` (rows, in) a
+    few real inputs of the layer on which each strength's output error is measured. Without a
+    sample, the strength is the middle of the grid (SmoothQuant's 0.5 by default).
+    """
+    weight = linear.weight.detach().float()
+    out_features, in_features = weight.shape
+    device = weight.device
+    rank = config.rank_for(out_features, in_features)
+    group = config.group_for(in_features)
+    alphas = list(config.alphas)
+    if act_absmax is None:
+        alphas = [None]
+    x = None if sample is None or sample.numel() == 0 else sample.to(device=device, dtype=torch.float32)
+    if x is None and len(alphas) > 1:
+        smoothing = [a for a in alphas if a is not None]
+        alphas = [smoothing[len(smoothing) // 2]] if smoothing else [None]
+    y = None if x is None else x @ weight.t()
+
+    best: tuple[float, float | None, dict[str, torch.Tensor]] | None = None
+    unsmoothed = math.nan
+    for alpha in alphas:
+        lam = smoothing_factors(act_absmax if act_absmax is not None else torch.ones(in_features), weight, alpha)
+        w_hat = weight * lam
+        up, down = low_rank_split(w_hat, rank, config.svd)
+        up, down = up.to(torch.bfloat16), down.to(torch.bfloat16)
+        parts, r_deq = _quantize_residual(w_hat - up.float() @ down.float(), config.precision, group)
+        error = math.nan
+        if x is not None:
+            xs = x / lam
+            branch = (xs @ down.float().t()) @ up.float().t()
+            y_hat = _fake_quantize_act(xs, config.precision, group) @ r_deq.t() + branch
+            error = _relative(y, y_hat)
+        if alpha is None:
+            unsmoothed = error
+        if best is None or error < best[0]:
+            best = (error, alpha, {**parts, "smooth": lam.to(torch.bfloat16), "lora_down": down, "lora_up": up})
+    assert best is not None
+    error, alpha, parts = best
+    module = SVDQuantLinear(in_features, out_features, rank, config.precision, group, linear.bias is not None,
+                            device=device)
+    with torch.no_grad():
+        for name, tensor in parts.items():
+            getattr(module, name).copy_(tensor)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+    return module, LayerResult(alpha, rank, group, error, unsmoothed)
+
+
+# -- calibration statistics -----------------------------------------------------------------------
+
+
+class SmoothStats:
+    """Largest |x| per input channel plus a reservoir sample of input rows (for the strength search).
+
+    Each forward offers ``per_call`` random rows to a reservoir of ``capacity`` (Algorithm R),
+    so the sample spreads evenly over prompts and timesteps. Deterministic for a seed.
+    """
+
+    kind = "svdquant"
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", capacity: int = 128,
+                 per_call: int = 8, seed: int = 0):
+        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.sample = torch.zeros(capacity, in_features, dtype=torch.bfloat16, device=device)
+        self.capacity, self.per_call = capacity, per_call
+        self.filled = self.seen = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1])
+        torch.maximum(self.absmax, rows.abs().amax(dim=0).float(), out=self.absmax)
+        if not self.capacity:
+            return
+        picks = torch.randperm(rows.shape[0], generator=self.generator)[: self.per_call].tolist()
+        src, dst = [], []
+        for row in picks:
+            self.seen += 1
+            if self.filled < self.capacity:
+                slot, self.filled = self.filled, self.filled + 1
+            else:
+                slot = int(torch.randint(self.seen, (1,), generator=self.generator))
+                if slot >= self.capacity:
+                    continue
+            src.append(row)
+            dst.append(slot)
+        if src:
+            self.sample[torch.tensor(dst, device=self.sample.device)] = \
+                rows[torch.tensor(src, device=rows.device)].to(torch.bfloat16)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"absmax": self.absmax, "sample": self.sample[: self.filled]}
+
+
+def stats_factory(config: SVDQuantConfig, seed: int = 0):
+    """An accumulator factory for ``calibration.collect``: one ``SmoothStats`` per layer, seeded by name."""
+    def make(name: str, linear: nn.Linear) -> SmoothStats:
+        return SmoothStats(linear.in_features, linear.weight.device, capacity=config.sample_rows,
+                           seed=seed + zlib.crc32(name.encode()))
+    return make
+
+
+# -- the whole denoiser ---------------------------------------------------------------------------
+
+
+def block_linears(model: nn.Module, per_image: str | None) -> dict[str, nn.Linear]:
+    """The W4A4 targets: linears inside the repeated blocks (children that are ``nn.ModuleList``),
+    except the per-image linears (full-match of the regex ``per_image``)."""
+    lists = [name for name, child in model.named_children() if isinstance(child, nn.ModuleList)]
+    pattern = re.compile(per_image) if per_image else None
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and any(name.startswith(f"{prefix}.") for prefix in lists)
+            and not (pattern and pattern.fullmatch(name))}
+
+
+def per_image_linears(model: nn.Module, per_image: str | None) -> dict[str, nn.Linear]:
+    """The W4A16 targets: linears whose name fully matches the regex ``per_image``."""
+    if not per_image:
+        return {}
+    pattern = re.compile(per_image)
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(name)}
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def quantize_model(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tensor]], config: SVDQuantConfig,
+                   per_image: str | None, progress: bool = True) -> dict[str, Any]:
+    """Replace ``model``'s linears in place, layer by layer: block linears by ``SVDQuantLinear``
+    (with ``stats[name]`` = {"absmax", "sample"}), per-image linears by ``Int4WeightOnlyLinear``;
+    every other linear (input/output embedders) stays bf16. Returns facts for the record."""
+    # Names only: a 16-bit layer is freed as soon as its quantized replacement is in place, so
+    # the model never holds both versions of more than one layer.
+    targets = list(block_linears(model, per_image))
+    w4a16 = list(per_image_linears(model, per_image))
+    results: dict[str, LayerResult] = {}
+    with torch.no_grad():
+        for name in tqdm(targets, desc="quantgate: svdquant", unit="linear", disable=not progress):
+            layer_stats = stats.get(name, {})
+            module, result = svdquant_linear(model.get_submodule(name), layer_stats.get("absmax"),
+                                             layer_stats.get("sample"), config)
+            _replace(model, name, module)
+            results[name] = result
+        for name in w4a16:
+            _replace(model, name, Int4WeightOnlyLinear(model.get_submodule(name), config.per_image_group_size))
+    untouched = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    errors = [r.output_error for r in results.values() if not math.isnan(r.output_error)]
+    unsmoothed = [r.output_error_unsmoothed for r in results.values() if not math.isnan(r.output_error_unsmoothed)]
+    return {
+        "config": config.describe(),
+        "w4a4_linears": len(results),
+        "w4a16_linears": len(w4a16),
+        "bf16_linears": untouched,
+        "ranks": dict(Counter(r.rank for r in results.values())),
+        "groups": dict(Counter(r.group_size for r in results.values())),
+        "alpha_counts": {str(k): v for k, v in Counter(r.alpha for r in results.values()).items()},
+        "mean_layer_output_error": sum(errors) / len(errors) if errors else None,
+        "mean_layer_output_error_unsmoothed": sum(unsmoothed) / len(unsmoothed) if unsmoothed else None,
+    }
+
+
+def storage_breakdown(model: nn.Module) -> dict[str, int]:
+    """Bytes of ``model`` by role: the W4A4 layers' packed residual, scales, low-rank branch and
+    smoothing factors, the W4A16 layers, and everything else (16-bit)."""
+    parts = {"w4a4_residual": 0, "w4a4_scales": 0, "low_rank_branch": 0, "smoothing": 0, "w4a16": 0, "other": 0}
+    role = {"qweight": "w4a4_residual", "wscales": "w4a4_scales", "wtscale": "w4a4_scales",
+            "lora_down": "low_rank_branch", "lora_up": "low_rank_branch", "smooth": "smoothing"}
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is None:
+                continue
+            size = tensor.numel() * tensor.element_size()
+            if isinstance(module, SVDQuantLinear):
+                parts[role.get(name, "other")] += size
+            elif isinstance(module, Int4WeightOnlyLinear):
+                parts["w4a16"] += size if name != "bias" else 0
+                parts["other"] += size if name == "bias" else 0
+            else:
+                parts["other"] += size
+    return parts

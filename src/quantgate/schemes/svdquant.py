@@ -1,0 +1,93 @@
+"""svdquant-ref: quantgate's own SVDQuant (W4A4 + rank-32 bf16 low-rank branch), any device.
+
+Loaded as bf16 through diffusers, then calibrated and quantized in place (``post_load``):
+the pipeline runs the calibration prompts over its timesteps while hooks fold every block
+linear's inputs into per-channel absmax statistics and a small reservoir of real input rows
+(cached on disk), then each block linear is smoothed, split into a bf16 low-rank branch and a
+packed INT4 residual, layer by layer on the loading device (see ``quantgate.quant.svdquant``).
+The per-image linears (adaLN modulation) become INT4 weight-only (W4A16, group 64), as in
+nunchaku. The forward simulates W4A4 in bf16: a numerical reference with a real footprint,
+not a fast kernel.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from quantgate.quant.calibration import CalibrationSettings
+from quantgate.quant.svdquant import SVDQuantConfig
+from quantgate.schemes.base import QuantizationPlan, QuantizationRequest, Scheme
+
+# The CPU tier calibrates tiny models over a 4-step schedule: the same code over the same
+# range of timesteps, without 40-50 steps of CFG per sample (minutes on two cores).
+CPU_CALIBRATION_STEPS = 4
+
+
+def calibration_for(request: QuantizationRequest) -> CalibrationSettings:
+    """The request's calibration settings, with the step count capped on the CPU."""
+    if request.calibration is None:
+        raise ValueError("svdquant-ref calibrates on the pipeline and needs calibration settings "
+                         "(QuantizationRequest.calibration); the pytest plugin passes them")
+    settings = request.calibration
+    steps = settings.call_kwargs.get("num_inference_steps")
+    if request.device == "cpu" and isinstance(steps, int) and steps > CPU_CALIBRATION_STEPS:
+        settings = replace(settings, call_kwargs={**settings.call_kwargs, "num_inference_steps": CPU_CALIBRATION_STEPS})
+    return settings
+
+
+def make_post_load(config: SVDQuantConfig):
+    """The ``post_load`` step of an SVDQuant scheme with ``config``."""
+
+    def post_load(pipe: Any, request: QuantizationRequest) -> dict[str, Any]:
+        from quantgate.measure.memory import synchronize
+        from quantgate.quant.calibration import collect_cached
+        from quantgate.quant.svdquant import block_linears, quantize_model, stats_factory, storage_breakdown
+
+        settings = calibration_for(request)
+        notes: dict[str, Any] = {}
+        for name in request.components:
+            module = getattr(pipe, name)
+            targets = block_linears(module, request.spec.per_image_linears)
+            start = time.perf_counter()
+            kind = f"svdquant-absmax-sample{config.sample_rows}"
+            stats, facts = collect_cached(pipe, module, targets, stats_factory(config, settings.seed),
+                                          kind, settings, {**request.identity, "component": name},
+                                          request.cache_dir, desc=f"quantgate: svdquant calibration ({name})")
+            del targets  # holds every 16-bit layer: quantize_model frees them one by one
+            calibrated = time.perf_counter()
+            result = quantize_model(module, stats, config, request.spec.per_image_linears)
+            synchronize(request.device)
+            result["calibration"] = {**facts, "steps": settings.call_kwargs.get("num_inference_steps"),
+                                     "seconds": round(calibrated - start, 3)}
+            result["quantize_seconds"] = round(time.perf_counter() - calibrated, 3)
+            result["storage_bytes"] = storage_breakdown(module)
+            result["per_image_linears"] = {
+                "pattern": request.spec.per_image_linears,
+                "format": f"INT4 weight-only, asymmetric RTN, group {config.per_image_group_size}, bf16 activations",
+                "why": "nunchaku keeps the adaLN modulation linears W4A16 (AWQ, group 64): one row per image",
+            }
+            result["forward"] = ("simulated: residual dequantized and activations fake-quantized, bf16 matmul "
+                                 "(a reference, not a fused W4A4 kernel)")
+            notes[name] = result
+        return notes
+
+    return post_load
+
+
+DEFAULT = SVDQuantConfig()
+
+SCHEMES = [
+    Scheme(
+        name="svdquant-ref",
+        summary="quantgate's SVDQuant reference: smoothing + rank-32 bf16 low-rank branch + INT4 W4A4 residual "
+                "(group 64, packed); adaLN linears W4A16; simulated arithmetic, any device",
+        backend="quantgate",
+        plan=lambda request: QuantizationPlan(None),
+        post_load=make_post_load(DEFAULT),
+        markers=("svdquant",),
+        details={"config": DEFAULT.describe(),
+                 "reference": "arXiv 2411.05007; forward simulated in bf16, footprint real (packed INT4)"},
+    ),
+]
