@@ -207,6 +207,7 @@ def test_lora_load_time(case, lora_adapters, pipeline, lora, benchmark, quantgat
 
 @pytest.mark.perf
 @pytest.mark.gpu_only
+@pytest.mark.after_timings
 def test_lora_forward_overhead(runs_here, records, gates):
     """The forward with an unfused LoRA over the forward without, from this session's timings."""
     case = runs_here

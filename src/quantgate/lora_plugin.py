@@ -44,6 +44,10 @@ SYNTHETIC = "synthetic"
 _USER_LORAS = pytest.StashKey[list[UserLora]]()
 _OUTPUTS = pytest.StashKey[dict[tuple, Any]]()
 _REFUSED = pytest.StashKey[dict[tuple, str]]()  # pipeline key -> why its layers refused a LoRA
+_ALTERED = pytest.StashKey[set[tuple]]()  # pipeline keys whose loaded weights a LoRA test may have changed
+# Ordering within the tests sharing a pipeline: plain tests, then tests comparing the timings
+# the others recorded, then tests that change the weights (they do not need pristine ones).
+_LATE_MARKERS = ("after_timings", "alters_pipeline")
 # Exceptions peft's merge raises for a layer type it cannot fuse into (a torchao config it
 # cannot re-apply per layer, int4 weights, a weight without dequantize).
 _FUSE_REFUSALS = (ValueError, NotImplementedError, TypeError)
@@ -59,8 +63,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "alters_pipeline: changes the loaded pipeline's weights; runs after the "
+    config.addinivalue_line("markers", "alters_pipeline: may change the loaded pipeline's weights; runs after the "
                                        "other tests sharing that pipeline, which is released afterwards")
+    config.addinivalue_line("markers", "after_timings: compares timings other tests of the same pipeline record; "
+                                       "runs after them")
     values = list(config.getoption("quantgate_lora") or []) or list(config.getini("quantgate_lora"))
     try:
         entries = parse_lora_option(values, model_names())
@@ -72,6 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_USER_LORAS] = entries
     config.stash[_OUTPUTS] = {}
     config.stash[_REFUSED] = {}
+    config.stash[_ALTERED] = set()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -84,7 +91,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Within each run of tests sharing a pipeline, move ``alters_pipeline`` tests last."""
+    """Within each run of tests sharing a pipeline: ``after_timings`` tests, then ``alters_pipeline`` tests last."""
     from quantgate.plugin import _case_of
 
     group_start: dict[tuple[str, ...] | None, int] = {}
@@ -93,7 +100,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         case = _case_of(item)
         key = case.pipeline_key if case is not None else None
         start = group_start.setdefault(key, index) if key is not None else index
-        keys.append((start, item.get_closest_marker("alters_pipeline") is not None, index))
+        late = [i + 1 for i, name in enumerate(_LATE_MARKERS) if item.get_closest_marker(name) is not None]
+        keys.append((start, max(late, default=0), index))
     order = {id(item): key for item, key in zip(items, keys, strict=True)}
     items.sort(key=lambda item: order[id(item)])
 
@@ -161,8 +169,6 @@ def lora_adapters(runs_here: Case, quantgate_run: Any, request: pytest.FixtureRe
     Skips before the pipeline is loaded when the scheme declares it cannot take a LoRA or
     its layers already refused one in this session (list it before ``pipeline`` in a test).
     """
-    from quantgate.plugin import _release
-
     refused = request.config.stash[_REFUSED]
     reason = lora_unsupported_reason(get_scheme(runs_here.scheme)) or refused.get(runs_here.pipeline_key)
     if reason:
@@ -175,8 +181,27 @@ def lora_adapters(runs_here: Case, quantgate_run: Any, request: pytest.FixtureRe
         try:
             kit.adapters.close()
         finally:
-            if kit.adapters.altered and quantgate_run.pipelines.current is pipeline:
-                _release(quantgate_run, runs_here)  # its weights may have changed: the next test loads afresh
+            if kit.adapters.altered:
+                request.config.stash[_ALTERED].add(runs_here.pipeline_key)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Release a pipeline whose weights a LoRA test may have changed, unless the next test is
+    another ``alters_pipeline`` test of it (those need no pristine weights): later tests load afresh."""
+    from quantgate.plugin import _case_of, _release, _run
+
+    altered, case = item.config.stash[_ALTERED], _case_of(item)
+    if case is None or case.pipeline_key not in altered:
+        return
+    following = _case_of(nextitem)
+    if (following is not None and following.pipeline_key == case.pipeline_key
+            and nextitem.get_closest_marker("alters_pipeline") is not None):
+        return
+    altered.discard(case.pipeline_key)
+    run = _run(item.config)
+    if run.pipelines.current is not None and run.pipelines.current.case_key == case.pipeline_key:
+        _release(run, case)
 
 
 @pytest.fixture
