@@ -68,6 +68,36 @@ METRICS: dict[str, Metric] = {
     "low_rank_branch_timing_overhead": Metric(
         "fraction", "transformer forward median with the low-rank branch over the median without it, minus 1",
         better="lower"),
+    # -- LoRA (tests/test_lora.py); "out" is one transformer forward on fixed seeded inputs ----------
+    "lora_effect_relative_change": Metric(
+        "fraction", "||out with the LoRA at strength 1 - out without|| / ||out without||, same pipeline"),
+    "lora_effect_over_quantization_noise": Metric(
+        "x", "the LoRA's effect (above) over the scheme's own noise ||out - bf16 out|| / ||bf16 out||, no LoRA"),
+    "lora_output_relative_error_vs_bf16": Metric(
+        "fraction", "||out with the LoRA - bf16 out with the same LoRA|| / ||bf16 out with it||", better="lower"),
+    "lora_error_growth_vs_no_lora": Metric(
+        "x", "relative error vs bf16 with the same LoRA over the relative error vs bf16 without a LoRA",
+        better="lower"),
+    "lora_image_psnr_db_vs_bf16": Metric(
+        "dB", "PSNR of the images generated with the LoRA against bf16 eager's images with the same LoRA"),
+    "lora_zero_strength_relative_change": Metric(
+        "fraction", "||out with the LoRA at strength 0 - out without a LoRA|| / ||out without||", better="lower"),
+    "lora_effect_growth_per_doubling": Metric(
+        "x", "the smaller of effect(1)/effect(0.5) and effect(2)/effect(1); a linear response gives 2"),
+    "lora_unload_relative_change": Metric(
+        "fraction", "||out after unload_lora_weights - out before the LoRA was loaded|| / ||out before||",
+        better="lower"),
+    "lora_composition_relative_error": Metric(
+        "fraction", "||out with LoRAs a (1.0) and b (0.5) as two adapters - out with one adapter of their concatenated "
+                    "ranks|| / ||that out - out without a LoRA||", better="lower"),
+    "lora_fused_relative_error_vs_unfused": Metric(
+        "fraction", "||out after fuse_lora - out with the same LoRA unfused|| / ||out unfused||", better="lower"),
+    "lora_fuse_round_trip_relative_change": Metric(
+        "fraction", "||out after fuse_lora, unfuse_lora, unload_lora_weights - out before|| / ||out before||",
+        better="lower"),
+    "lora_forward_overhead": Metric(
+        "x", "median transformer forward with the LoRA loaded (unfused) over the median without, same case",
+        better="lower"),
 }
 
 SELECTORS: dict[str, type] = {"model": str, "source": str, "scheme": str, "variant": str, "batch": int,

@@ -45,6 +45,9 @@ from quantgate.variants import VARIANTS, get_variant
 
 T = TypeVar("T")
 
+# LoRA gates: the --quantgate-lora option and the lora fixtures live in their own plugin module.
+pytest_plugins = ["quantgate.lora_plugin"]
+
 BASE_MARKERS = {
     "gpu": "runs on a CUDA GPU (skips with the reason where there is none)",
     "cpu": "the CPU tier: tiny models, runs anywhere",
@@ -545,12 +548,13 @@ class Bench:
     def __init__(self, benchmark: Any, case: Case, loaded: LoadedPipeline, run: QuantgateRun):
         self.benchmark, self.case, self.loaded, self.run = benchmark, case, loaded, run
 
-    def __call__(self, scope: str, fn: Callable[[], T]) -> T:
+    def __call__(self, scope: str, fn: Callable[[], T], flops_scope: str | None = None) -> T:
         """Time ``fn`` (``scope``: ``transformer`` or ``end_to_end``); return its last result.
 
         A first call runs outside the statistics and is reported on its own (for a compile
         variant it is the compilation); then warm-up rounds, then the timed rounds, each
-        followed by a device synchronize.
+        followed by a device synchronize. A scope of another name (``transformer_lora``)
+        names which FLOPs it performs with ``flops_scope``.
         """
         case, run = self.case, self.run
         self.benchmark.group = f"{case.model}/{case.source}/{scope}/b{case.batch}/{case.device}"
@@ -562,7 +566,7 @@ class Bench:
         with track_peak(case.device) as peak:
             result = pedantic(self.benchmark, fn, case.device, rounds=run.rounds, warmup_rounds=run.warmup_rounds)
         stats = self.benchmark.stats.stats if self.benchmark.stats is not None else None
-        flops = self.loaded.flops(case, scope)
+        flops = self.loaded.flops(case, flops_scope or scope)
         peak_tflops = run.bf16_peak_tflops(case.device)
         achieved = flops / stats.median / 1e12 if stats is not None and stats.median > 0 else None
         loaded = self.loaded.describe()

@@ -46,7 +46,8 @@ def recommendations(runs: RunSet, budgets: tuple[Budget, ...]) -> list[str]:
                 best = min(fits, key=lambda r: r.median)
                 lines.append(f"{where}, fastest within {budget.name} ({budget.bytes / GIB:.2f} GiB): "
                              f"{_describe(best, runs)}, peak {best.peak_allocated / GIB:.1f} GiB.")
-        sized = [r for r in results if r.footprint is not None]
+        # Only the plain scopes: a timing with a LoRA loaded (transformer_lora...) is not the scheme's own.
+        sized = [r for r in results if r.footprint is not None and r.scope in ("end_to_end", "transformer")]
         if sized:
             smallest = min(sized, key=lambda r: (r.footprint, r.scope != "end_to_end", r.median))
             lines.append(f"{where}, smallest transformer: {smallest.scheme} at {smallest.footprint / GIB:.2f} GiB "

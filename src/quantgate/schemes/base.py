@@ -128,6 +128,10 @@ class Scheme:
     markers: tuple[str, ...] = ()
     # Extra facts recorded with every result (the exact backend config used, and why).
     details: Mapping[str, Any] = field(default_factory=dict)
+    # Why a LoRA cannot be applied to this scheme's pipeline (the LoRA tests skip with it).
+    # None: LoRAs load through diffusers' load_lora_weights, and peft either wraps the layers
+    # (nn.Linear, bitsandbytes, torchao) or refuses a custom layer type, which skips too.
+    lora_unsupported: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """What a benchmark record says about this scheme."""

@@ -1,0 +1,123 @@
+"""LoRA on a loaded pipeline, through the API a diffusers user calls.
+
+``Adapters`` loads files with ``pipe.load_lora_weights``, sets strengths with
+``set_adapters``, fuses with ``fuse_lora``/``unfuse_lora`` and removes everything with
+``unload_lora_weights``; peft wraps the denoiser's layers (``nn.Linear``, bitsandbytes and
+torchao layers alike). A scheme that cannot take a LoRA says so, either up front
+(``Scheme.lora_unsupported``) or because peft refuses its layer type: both become
+``LoraUnsupported`` with the reason, which the tests turn into a skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from quantgate.lora.files import LoraFile, LoraMismatch, LoraUnsupported
+
+# peft's refusal of a layer type it has no LoRA layer for ("Target module ... is not supported").
+_PEFT_UNSUPPORTED = "is not supported"
+# Names that match no module (peft's NoMatchingPeftModuleError), and shapes that do not fit
+# (torch's load_state_dict) mean the file is for another model or size.
+_MISMATCH = ("not found in the base model", "size mismatch", "incompatible shape")
+
+
+def lora_unsupported_reason(scheme: Any) -> str | None:
+    """Why ``scheme`` cannot take a LoRA before anything is loaded, or None."""
+    declared = getattr(scheme, "lora_unsupported", None)
+    if declared:
+        return f"{scheme.name} cannot take a LoRA: {declared}"
+    if importlib.util.find_spec("peft") is None:
+        return "LoRA loading in diffusers needs peft, which is not installed: pip install peft"
+    return None
+
+
+def _tuner_layers(module: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class Adapters:
+    """The LoRAs of one pipeline's denoiser; ``close`` leaves the pipeline without any.
+
+    ``altered`` records whether the denoiser's own weights may have changed: fusing into
+    quantized weights re-quantizes them, and a failed load can leave layers replaced (diffusers
+    widens FLUX linears for LoRAs with larger inputs before it fails on the shapes). After
+    ``close`` such a pipeline may differ from a fresh load of the same case.
+    """
+
+    def __init__(self, pipe: Any, denoiser: str, scheme: Any, model: str):
+        self.pipe, self.denoiser, self.scheme, self.model = pipe, denoiser, scheme, model
+        self.altered = False
+
+    @property
+    def module(self) -> Any:
+        return getattr(self.pipe, self.denoiser)
+
+    def load(self, lora: LoraFile, name: str | None = None, strength: float | None = None) -> str:
+        """Load ``lora`` as adapter ``name`` (default: the file's name); return the name.
+
+        With ``strength``, this adapter alone is then active at that weight (``set_adapters``).
+        Raises LoraUnsupported when the scheme's layers cannot take it, LoraMismatch when the
+        file holds nothing for this denoiser.
+        """
+        name = name or lora.name
+        reason = lora_unsupported_reason(self.scheme)
+        if reason:
+            raise LoraUnsupported(reason)
+        before = set(self.adapter_names())
+        try:
+            self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
+        except (ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
+            self.altered = True
+            if _PEFT_UNSUPPORTED in str(exc):
+                raise LoraUnsupported(f"{self.scheme.name}: peft cannot wrap its layers with a LoRA: {exc}") from exc
+            if isinstance(exc, KeyError) and str(exc).strip("'\"").endswith(".weight"):
+                # diffusers' FLUX loader reads each targeted module's weight before peft runs
+                raise LoraUnsupported(f"{self.scheme.name}: its layers are not plain linears (diffusers found no "
+                                      f"{exc} where the LoRA attaches), and peft has no LoRA layer for them") from exc
+            if any(text in str(exc) for text in _MISMATCH):
+                raise LoraMismatch(f"LoRA {lora.path} ({lora.format} layout) does not fit {self.model}'s "
+                                   f"{self.denoiser} as loaded here: {exc}") from exc
+            raise
+        if name not in set(self.adapter_names()) - before:
+            raise LoraMismatch(f"LoRA {lora.path} ({lora.format} layout) holds no weights for {self.model}'s "
+                               f"{self.denoiser}: diffusers loaded nothing from it")
+        if strength is not None:
+            self.set_strengths({name: strength})
+        return name
+
+    def adapter_names(self) -> list[str]:
+        """Adapters present in the denoiser (loaded, whether active or not)."""
+        return list(self.pipe.get_list_adapters().get(self.denoiser, []))
+
+    def set_strengths(self, strengths: dict[str, float]) -> None:
+        """Activate exactly these adapters with these weights (``set_adapters``)."""
+        self.pipe.set_adapters(list(strengths), adapter_weights=[float(s) for s in strengths.values()])
+
+    def fuse(self) -> None:
+        """Fuse the active adapters into the denoiser's weights (``fuse_lora``)."""
+        self.altered = True
+        self.pipe.fuse_lora(components=[self.denoiser])
+
+    def unfuse(self) -> None:
+        """Take the fused deltas out of the weights again (``unfuse_lora``)."""
+        self.pipe.unfuse_lora(components=[self.denoiser])
+
+    def unload(self) -> None:
+        """Remove every LoRA (``unload_lora_weights``)."""
+        self.pipe.unload_lora_weights()
+
+    def wrapped_layers(self) -> int:
+        """How many of the denoiser's layers carry a LoRA now."""
+        return len(_tuner_layers(self.module))
+
+    def close(self) -> None:
+        """Unfuse (if fused) and unload everything, whatever state a failed test left."""
+        if self.pipe is None or importlib.util.find_spec("peft") is None:
+            return  # released, or nothing can have been loaded
+        if any(layer.merged for layer in _tuner_layers(self.module)):
+            self.unfuse()
+        if self.wrapped_layers() or self.adapter_names():
+            self.unload()
