@@ -56,6 +56,9 @@ METRICS: dict[str, Metric] = {
         "fraction", "mean SSIM of the images against the same reference"),
     "transformer_output_relative_error_vs_bf16": Metric(
         "fraction", "||out - bf16 out|| / ||bf16 out|| of one transformer forward on fixed seeded inputs", better="lower"),
+    "transformer_output_error_ratio_vs_rtn": Metric(
+        "x", "transformer-output relative error vs bf16 of a GPTQ scheme over that of its round-to-nearest "
+             "baseline on the same grid (below 1: GPTQ's gain)", better="lower"),
     "leaked_gpu_bytes": Metric(
         "bytes", "GPU bytes still allocated after a pipeline is released, above the session's baseline", better="lower"),
 }

@@ -11,7 +11,8 @@ import importlib
 from quantgate.errors import UnknownNameError
 from quantgate.schemes.base import Requirements, Scheme
 
-_BACKENDS = ("bf16", "bitsandbytes", "torchao", "sparse")
+_BACKENDS = ("bf16", "bitsandbytes", "torchao", "sparse",
+             "gptq")  # quantgate's own GPTQ / RTN W4A8
 
 
 def _load() -> dict[str, Scheme]:
