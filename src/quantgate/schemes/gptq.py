@@ -32,6 +32,14 @@ def _post_load(method_name: str, config: GPTQConfig):
     return post_load
 
 
+# The CPU tier runs tiny configs whose linears have at most 128 inputs: groups of 128 are one
+# group per row there, so the grouped schemes would only repeat the per-channel ones. Grouped
+# layers are exercised on the CPU by tests/unit/test_w4a8.py and test_gptq.py.
+_GROUPED = Requirements(devices=frozenset({"cuda"}),
+                        device_note="groups of 128 need full-size layers; the CPU tier's tiny linears have at most "
+                                    "128 inputs, where a group of 128 is per-channel: the per-channel schemes cover that")
+
+
 def _entry(name: str, method: str, config: GPTQConfig, summary: str, baseline: str | None = None) -> Scheme:
     spec = config.spec
     grid = f"{'a' if not spec.symmetric else ''}symmetric, " + (
@@ -42,7 +50,8 @@ def _entry(name: str, method: str, config: GPTQConfig, summary: str, baseline: s
         name=name,
         summary=summary,
         backend="quantgate",
-        requires=Requirements(),  # the CPU runs the same function simulated in float32
+        # the CPU runs the same function simulated in float32
+        requires=_GROUPED if config.spec.group_size else Requirements(),
         plan=lambda request: QuantizationPlan(None),
         post_load=_post_load(method, config),
         markers=("gptq",),
