@@ -53,6 +53,15 @@ def test_eight_bits_is_close_to_the_original():
             assert result.q.dtype == torch.int16 and int(result.q.max()) > 127
 
 
+def test_the_shared_rtn_stores_eight_bit_asymmetric_values_without_wrapping():
+    from quantgate.quant.int4 import dequantize_groups, quantize_rtn
+
+    w, _, _ = _layer(1)
+    q, scale, zero = quantize_rtn(w, GroupSpec(8, None, False))
+    assert q.dtype == torch.int16 and int(q.max()) > 127  # the grid is 0..255
+    assert ((dequantize_groups(q, scale, zero) - w).norm() / w.norm()).item() < 0.01
+
+
 def _obq_reference(w: torch.Tensor, h: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
     """The textbook OBQ update, one row at a time in float64, columns left to right.
 

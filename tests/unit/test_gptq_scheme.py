@@ -88,6 +88,17 @@ def test_the_pipeline_runs_with_the_gptq_transformer_and_a_second_load_uses_the_
     assert torch.equal(second.denoiser_forward(inputs), out)
 
 
+def test_a_damaged_checkpoint_is_rebuilt(cache):
+    _, first = _load("rtn-w4a8", cache)
+    path = Path(first.notes["transformer"]["checkpoint_path"])
+    (path / "quantized.safetensors").write_bytes(b"truncated")
+    _, second = _load("rtn-w4a8", cache)
+    notes = second.notes["transformer"]
+    assert notes["checkpoint"] == "miss" and "checkpoint_damaged" in notes
+    _, third = _load("rtn-w4a8", cache)
+    assert third.notes["transformer"]["checkpoint"] == "hit"
+
+
 def test_rtn_needs_no_calibration_and_shares_the_layout(cache):
     _, loaded = _load("rtn-w4a8", cache)
     notes = loaded.notes["transformer"]

@@ -226,14 +226,19 @@ def quantize_denoiser(pipe: Any, denoiser_name: str, method: W4A8Method, *, iden
     facts: dict[str, Any] = {"method": method.facts(), "layers": len(layers), "pattern": pattern,
                              "checkpoint_key": key}
     document = read_config(directory) if directory is not None else None
+    quantized = None
     if document is not None and set(document["layers"]) == set(layers):
         start = time.perf_counter()
-        quantized, document = load_layers(directory, device)
-        _synchronize(device)
-        facts.update(checkpoint="hit", checkpoint_path=str(directory),
-                     checkpoint_load_seconds=round(time.perf_counter() - start, 3),
-                     calibration=document.get("calibration"), quantize_seconds=document.get("quantize_seconds"))
-    else:
+        try:
+            quantized, document = load_layers(directory, device)
+        except Exception as exc:  # a damaged checkpoint is rebuilt, not trusted
+            facts["checkpoint_damaged"] = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            _synchronize(device)
+            facts.update(checkpoint="hit", checkpoint_path=str(directory),
+                         checkpoint_load_seconds=round(time.perf_counter() - start, 3),
+                         calibration=document.get("calibration"), quantize_seconds=document.get("quantize_seconds"))
+    if quantized is None:
         calibration = None
         hessians = None
         if method.calibrates:
