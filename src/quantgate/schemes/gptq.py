@@ -36,8 +36,9 @@ def _post_load(method_name: str, config: GPTQConfig):
 # group per row there, so the grouped schemes would only repeat the per-channel ones. Grouped
 # layers are exercised on the CPU by tests/unit/test_w4a8.py and test_gptq.py.
 _GROUPED = Requirements(devices=frozenset({"cuda"}),
-                        device_note="groups of 128 need full-size layers; the CPU tier's tiny linears have at most "
-                                    "128 inputs, where a group of 128 is per-channel: the per-channel schemes cover that")
+                        device_note="groups of 128 need full-size layers; the CPU tier's tiny linears have at "
+                                    "most 128 inputs, where a group of 128 is per-channel: the per-channel schemes "
+                                    "cover that")
 
 
 def _entry(name: str, method: str, config: GPTQConfig, summary: str, baseline: str | None = None) -> Scheme:
