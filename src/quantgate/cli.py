@@ -9,6 +9,8 @@
     quantgate merge A.json B.json -o M    join runs split over several commands into one JSON
     quantgate golden MODEL --source tiny  write a model's golden images from its bf16 pipeline
     quantgate env                         GPU, driver, CUDA and library versions as JSON
+    quantgate gptq calibrate|quantize|benchmark|samples MODEL
+                                          the GPTQ W4A8 plan, step by step (--help on each)
 """
 
 from __future__ import annotations
@@ -245,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("env", help="print GPU, driver, CUDA and library versions as JSON")
     p.set_defaults(func=_env)
+
+    # -- quantgate's own GPTQ W4A8 plan (calibrate, quantize, benchmark, samples) --
+    from quantgate.cli_gptq import add_gptq_parser
+
+    add_gptq_parser(sub)
     return parser
 
 

@@ -62,6 +62,9 @@ METRICS: dict[str, Metric] = {
         "fraction", "mean cosine of CLIP image and prompt embeddings (pretrained CLIP only)"),
     "clip_score_ratio_vs_reference": Metric(
         "fraction", "the images' mean CLIP cosine divided by the reference images' on the same prompts"),
+    "transformer_output_error_ratio_vs_rtn": Metric(
+        "x", "transformer-output relative error vs bf16 of a GPTQ scheme over that of its round-to-nearest "
+             "baseline on the same grid (below 1: GPTQ's gain)", better="lower"),
     "leaked_gpu_bytes": Metric(
         "bytes", "GPU bytes still allocated after a pipeline is released, above the session's baseline", better="lower"),
     # SVDQuant

@@ -127,6 +127,11 @@ class LoadedPipeline:
         }
 
 
+def weights_identity(spec: ModelSpec, source: ResolvedSource) -> dict[str, Any]:
+    """What decides a model's calibration statistics and quantized checkpoints: which weights these are."""
+    return {"model": spec.name, "source": source.kind, "path": str(source.path), "detail": source.detail}
+
+
 def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettings | None = None) -> LoadedPipeline:
     """Resolve the case's source, load it with its scheme on its device, apply its variant.
 
@@ -140,7 +145,7 @@ def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettin
     kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True, "device_map": case.device}
     if calibration is not None:
         calibration = calibration.for_device(case.device, case.call_kwargs())
-    identity = {"model": spec.name, "source": source.kind, "path": str(source.path), "detail": source.detail}
+    identity = weights_identity(spec, source)
     request = QuantizationRequest(spec, (spec.denoiser,), device=case.device, identity=identity,
                                   cache_dir=ctx.cache_dir, calibration=calibration)
     plan = scheme.plan(request)

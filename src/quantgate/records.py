@@ -32,6 +32,9 @@ class Records:
     images: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     # (device, model, source, batch) -> bf16 eager transformer output on the fixed inputs
     outputs: dict[tuple[str, str, str, int], Any] = field(default_factory=dict)
+    # (device, model, source, batch, scheme, variant) -> relative error of the transformer output
+    # vs bf16, for tests that compare two schemes' errors (GPTQ vs its round-to-nearest baseline)
+    output_errors: dict[tuple[str, str, str, int, str, str], float] = field(default_factory=dict)
 
     def add(self, measurement: Measurement) -> None:
         self.measurements[_key(measurement.case, measurement.scope)] = measurement

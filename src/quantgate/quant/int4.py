@@ -23,6 +23,11 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def int_dtype(bits: int, symmetric: bool) -> torch.dtype:
+    """The smallest signed integer dtype holding the grid of ``bits`` (int16 for 8-bit asymmetric)."""
+    return torch.int8 if int_range(bits, symmetric)[1] <= 127 else torch.int16
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """How a weight is quantized: bit width, group size along the input dim, symmetry."""
@@ -62,12 +67,13 @@ def expand_groups(params: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Round ``w`` (out, in) onto the grid given per-column ``scale``/``zero`` (out, in); int8 values."""
+    """Round ``w`` (out, in) onto the grid given per-column ``scale``/``zero`` (out, in); int8 values
+    (int16 for 8-bit asymmetric, whose grid [0, 255] does not fit int8)."""
     low, high = int_range(bits, zero is None)
     q = torch.round(w.float() / scale)
     if zero is not None:
         q = q + zero
-    return q.clamp(low, high).to(torch.int8)
+    return q.clamp(low, high).to(int_dtype(bits, zero is None))
 
 
 def dequantize_with(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:

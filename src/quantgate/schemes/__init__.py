@@ -12,7 +12,8 @@ from quantgate.errors import UnknownNameError
 from quantgate.schemes.base import Requirements, Scheme
 
 _BACKENDS = ("bf16", "bitsandbytes", "torchao", "sparse",
-             "svdquant", "nunchaku")  # SVDQuant: quantgate's reference, and the nunchaku engine
+             "svdquant", "nunchaku",  # SVDQuant: quantgate's reference, and the nunchaku engine
+             "gptq")  # quantgate's own GPTQ / RTN W4A8
 
 
 def _load() -> dict[str, Scheme]:
