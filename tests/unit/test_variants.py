@@ -32,3 +32,30 @@ def test_variants_are_registered():
     assert get_variant("eager").apply(torch.nn.Linear(2, 2)) == {}
     with pytest.raises(UnknownNameError, match="compile, eager"):
         get_variant("jit")
+
+
+@pytest.mark.parametrize("model", ["flux-schnell", "flux-dev"])
+def test_transformer_scope_inputs_reuse_the_graphs_the_pipeline_compiled(model, tiny_cache):
+    """The transformer-scope benchmark must time the blocks the pipeline compiled: inputs whose
+    types or shapes differ from the pipeline's call would recompile every block (FLUX once got
+    a second set of graphs from ``joint_attention_kwargs=None`` against the pipeline's ``{}``).
+    SD3.5 is not checked this way: under CFG its pipeline runs the denoiser on twice the rows
+    of the transformer-scope benchmark, a different shape by definition."""
+    from torch._dynamo.utils import counters
+
+    from quantgate.cases import Selection, make_case
+    from quantgate.models import get_model
+    from quantgate.models.sources import SourceContext
+    from quantgate.pipeline import load_pipeline
+
+    torch._dynamo.reset()
+    case = make_case(get_model(model), "tiny", "bf16", "compile", 1, "cpu", Selection(models=[model], schemes=["bf16"]))
+    loaded = load_pipeline(case, SourceContext(cache_dir=tiny_cache))
+    loaded.generate(case, ["a red fox in the snow"], seed=0)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0, "the pipeline call compiled nothing: the test would prove nothing"
+
+    loaded.denoiser_forward(loaded.denoiser_inputs(case, seed=0))
+
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

@@ -47,6 +47,10 @@ def _flux_inputs(config: Mapping[str, Any], s: DenoiserShape, device: str, dtype
         "timestep": torch.full((s.batch,), 0.5, device=device, dtype=dtype),  # the pipeline passes t / 1000
         "img_ids": image_ids.reshape(rows * cols, 3).to(device=device, dtype=dtype),
         "txt_ids": torch.zeros(s.text_tokens, 3, device=device, dtype=dtype),
+        # FluxPipeline passes {} (never None): compiled blocks guard on its type, so a None here
+        # recompiled every block for the transformer-scope call after the pipeline had compiled
+        # them (on an H200, fp8-row + compile timed 173 ms that way, 103 ms compiled once).
+        "joint_attention_kwargs": {},
         "return_dict": False,
     }
     if config.get("guidance_embeds"):
@@ -63,7 +67,8 @@ def _sd3_inputs(config: Mapping[str, Any], s: DenoiserShape, device: str, dtype:
         "encoder_hidden_states": _tensor((s.batch, clip_tokens + s.text_tokens, config["joint_attention_dim"]),
                                          device, dtype, generator),
         "pooled_projections": _tensor((s.batch, config["pooled_projection_dim"]), device, dtype, generator),
-        "timestep": torch.full((s.batch,), 500.0, device=device, dtype=dtype),
+        # The pipeline passes the scheduler's float32 timesteps.
+        "timestep": torch.full((s.batch,), 500.0, device=device, dtype=torch.float32),
         "return_dict": False,
     }
 
