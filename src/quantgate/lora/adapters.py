@@ -5,7 +5,9 @@
 ``unload_lora_weights``; peft wraps the denoiser's layers (``nn.Linear``, bitsandbytes and
 torchao layers alike). A scheme that cannot take a LoRA says so, either up front
 (``Scheme.lora_unsupported``) or because peft refuses its layer type: both become
-``LoraUnsupported`` with the reason, which the tests turn into a skip.
+``LoraUnsupported`` with the reason, which the tests turn into a skip. A scheme with its own
+LoRA mechanism (``Scheme.lora_attach``, e.g. SVDQuant's low-rank branch) gets every operation
+done by it instead of diffusers/peft.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def lora_unsupported_reason(scheme: Any) -> str | None:
     declared = getattr(scheme, "lora_unsupported", None)
     if declared:
         return f"{scheme.name} cannot take a LoRA: {declared}"
+    if getattr(scheme, "lora_attach", None) is not None:
+        return None  # its own mechanism: no peft needed
     if importlib.util.find_spec("peft") is None:
         return "LoRA loading in diffusers needs peft, which is not installed: pip install peft"
     return None
@@ -50,6 +54,8 @@ class Adapters:
     def __init__(self, pipe: Any, denoiser: str, scheme: Any, model: str):
         self.pipe, self.denoiser, self.scheme, self.model = pipe, denoiser, scheme, model
         self.altered = False
+        attach = getattr(scheme, "lora_attach", None)
+        self.native = attach(pipe, denoiser) if attach is not None else None
 
     @property
     def module(self) -> Any:
@@ -66,6 +72,8 @@ class Adapters:
         reason = lora_unsupported_reason(self.scheme)
         if reason:
             raise LoraUnsupported(reason)
+        if self.native is not None:
+            return self.native.load(lora, name, strength)
         before = set(self.adapter_names())
         try:
             self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
@@ -90,31 +98,45 @@ class Adapters:
 
     def adapter_names(self) -> list[str]:
         """Adapters present in the denoiser (loaded, whether active or not)."""
+        if self.native is not None:
+            return self.native.adapter_names()
         return list(self.pipe.get_list_adapters().get(self.denoiser, []))
 
     def set_strengths(self, strengths: dict[str, float]) -> None:
         """Activate exactly these adapters with these weights (``set_adapters``)."""
+        if self.native is not None:
+            return self.native.set_strengths(strengths)
         self.pipe.set_adapters(list(strengths), adapter_weights=[float(s) for s in strengths.values()])
 
     def fuse(self) -> None:
         """Fuse the active adapters into the denoiser's weights (``fuse_lora``)."""
+        if self.native is not None:
+            return self.native.fuse()  # refuses, saying why: the LoRA is in the low-rank branch already
         self.altered = True
         self.pipe.fuse_lora(components=[self.denoiser])
 
     def unfuse(self) -> None:
         """Take the fused deltas out of the weights again (``unfuse_lora``)."""
+        if self.native is not None:
+            return self.native.unfuse()
         self.pipe.unfuse_lora(components=[self.denoiser])
 
     def unload(self) -> None:
         """Remove every LoRA (``unload_lora_weights``)."""
+        if self.native is not None:
+            return self.native.unload()
         self.pipe.unload_lora_weights()
 
     def wrapped_layers(self) -> int:
         """How many of the denoiser's layers carry a LoRA now."""
+        if self.native is not None:
+            return self.native.wrapped_layers()
         return len(_tuner_layers(self.module))
 
     def close(self) -> None:
         """Unfuse (if fused) and unload everything, whatever state a failed test left."""
+        if self.native is not None:
+            return self.native.close()
         if self.pipe is None or importlib.util.find_spec("peft") is None:
             return  # released, or nothing can have been loaded
         if any(layer.merged for layer in _tuner_layers(self.module)):

@@ -30,7 +30,7 @@ import math
 import re
 import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -186,6 +186,7 @@ class SVDQuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.precision, self.group_size = rank, precision, group_size
         self.low_rank = True
+        self._base_branch: tuple[torch.Tensor, torch.Tensor, int] | None = None  # while LoRAs are applied
         kw = {"device": device}
         self.register_buffer("smooth", torch.ones(in_features, dtype=dtype, **kw))
         self.register_buffer("lora_down", torch.zeros(rank, in_features, dtype=dtype, **kw))
@@ -217,6 +218,30 @@ class SVDQuantLinear(nn.Module):
             y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
         return y
 
+    def apply_loras(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Take LoRA pairs ``(A (r_i, in), B (out, r_i))`` (``B`` already scaled by strength and
+        alpha) into the low-rank branch, without touching the 4-bit residual (SVDQuant, section 4.4):
+        ``lora_down' = [lora_down; A_1 diag(λ); ...]``, ``lora_up' = [lora_up, B_1, ...]``, so the
+        branch adds ``sum_i B_i A_i x`` (``A`` times the smoothing factors ``λ``: the branch sees
+        ``x / λ``). Recomputed from the original branch on every call; ``[]`` puts the original
+        tensors back. The ``low_rank`` switch turns the LoRA off with the branch."""
+        base = self._base_branch
+        if base is None:
+            if not pairs:
+                return
+            base = self._base_branch = (self.lora_down, self.lora_up, self.rank)
+        down, up, rank = base
+        if not pairs:
+            self.lora_down, self.lora_up, self.rank = down, up, rank
+            self._base_branch = None
+            return
+        smooth = self.smooth.float()
+        extra_down = torch.cat([a.to(down.device, torch.float32) * smooth for a, _ in pairs])
+        extra_up = torch.cat([b.to(up.device, torch.float32) for _, b in pairs], dim=1)
+        self.lora_down = torch.cat([down, extra_down.to(down.dtype)])
+        self.lora_up = torch.cat([up, extra_up.to(up.dtype)], dim=1)
+        self.rank = rank + extra_down.shape[0]
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"precision={self.precision}, group_size={self.group_size}, low_rank={self.low_rank}")
@@ -224,6 +249,9 @@ class SVDQuantLinear(nn.Module):
 
 class Int4WeightOnlyLinear(nn.Module):
     """W4A16: asymmetric INT4 weights per group (packed, bf16 scale, uint8 zero point), bf16 activations."""
+
+    # No low-rank branch to fuse a LoRA into: quantgate.lora.native runs one beside it in bf16.
+    lora_side_path = True
 
     def __init__(self, linear: nn.Linear, group_size: int = 64):
         super().__init__()

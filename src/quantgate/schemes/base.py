@@ -132,6 +132,9 @@ class Scheme:
     # None: LoRAs load through diffusers' load_lora_weights, and peft either wraps the layers
     # (nn.Linear, bitsandbytes, torchao) or refuses a custom layer type, which skips too.
     lora_unsupported: str | None = None
+    # The scheme's own LoRA mechanism, for layers peft cannot wrap: (pipe, denoiser name) -> an
+    # object with Adapters' operations (quantgate.lora.native.NativeLoras). None: diffusers/peft.
+    lora_attach: Callable[[Any, str], Any] | None = None
 
     def describe(self) -> dict[str, Any]:
         """What a benchmark record says about this scheme."""

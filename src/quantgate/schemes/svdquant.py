@@ -7,7 +7,8 @@ linear's inputs into per-channel absmax statistics and a small reservoir of real
 packed INT4 residual, layer by layer on the loading device (see ``quantgate.quant.svdquant``).
 The per-image linears (adaLN modulation) become INT4 weight-only (W4A16, group 64), as in
 nunchaku. The forward simulates W4A4 in bf16: a numerical reference with a real footprint,
-not a fast kernel.
+not a fast kernel. LoRAs are concatenated into the low-rank branches (``lora_attach``), the
+4-bit residuals stay as they are (``quantgate.lora.native``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ def make_post_load(config: SVDQuantConfig):
     return post_load
 
 
+def _native_loras(pipe: Any, denoiser: str) -> Any:
+    """LoRAs concatenated into each layer's low-rank branch, no re-quantization (the paper's section 4.4)."""
+    from quantgate.lora.native import NativeLoras
+
+    return NativeLoras(pipe, denoiser, "svdquant-ref")
+
+
 DEFAULT = SVDQuantConfig()
 
 SCHEMES = [
@@ -87,6 +95,7 @@ SCHEMES = [
         plan=lambda request: QuantizationPlan(None),
         post_load=make_post_load(DEFAULT),
         markers=("svdquant",),
+        lora_attach=_native_loras,
         details={"config": DEFAULT.describe(),
                  "reference": "arXiv 2411.05007; forward simulated in bf16, footprint real (packed INT4)"},
     ),
