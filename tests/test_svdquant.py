@@ -3,7 +3,9 @@
 - what the low-rank branch costs: the transformer forward timed with the branch off, next to
   test_performance's timing with it on (unfused in svdquant-ref, fused in nunchaku's kernels);
 - LoRA on nunchaku's 4-bit transformer without re-quantization: load, strength, reset, and
-  composed LoRAs, through nunchaku's own API.
+  composed LoRAs, through nunchaku's own API;
+- LoRA on svdquant-ref without re-quantization: the LoRA goes into the low-rank branches and
+  every 4-bit residual keeps its bytes (the LoRA gates themselves are tests/test_lora.py's).
 
 Engine tests skip with the exact reason (no nunchaku, a GPU it has no kernels for such as
 Hopper, no checkpoint in the cache).
@@ -20,6 +22,7 @@ from quantgate.models import get_model
 from quantgate.models.families import DenoiserShape, get_family
 from quantgate.nunchaku_lora import LoraFile, apply_loras, plan_loras, reset_loras, set_strength, write_synthetic_lora
 from quantgate.quant.lowrank import without_low_rank
+from quantgate.quant.svdquant import SVDQuantLinear
 from quantgate.schemes import get_scheme
 from quantgate.schemes import nunchaku as nk
 
@@ -59,8 +62,9 @@ def test_lora_without_requantization(case, request, quantgate_run, tmp_path):
     """LoRAs load into the 4-bit model as they are: strength 0 and reset give the base model back,
     and composed LoRAs carry their own strengths (nunchaku's compose_lora)."""
     if case.scheme not in LORA_SCHEMES:
-        pytest.skip(f"LoRA without re-quantization is checked on nunchaku's {', '.join(LORA_SCHEMES)}, "
-                    f"not {case.scheme}")
+        pytest.skip(f"LoRA without re-quantization through nunchaku's API is checked on its "
+                    f"{', '.join(LORA_SCHEMES)}, not {case.scheme} (svdquant-ref: "
+                    "test_a_lora_goes_into_the_branches_and_leaves_the_residuals_untouched)")
     request.getfixturevalue("runs_here")  # skips with the hardware / engine reason
     found = nk.locate(get_model(case.model), case.scheme.removeprefix("svdq-"))
     if isinstance(found, str):
@@ -99,3 +103,53 @@ def test_lora_without_requantization(case, request, quantgate_run, tmp_path):
     torch.testing.assert_close(a_and_silent_b, styled)
     assert not torch.equal(both, styled), "the second LoRA at strength 1 left the output unchanged"
     torch.testing.assert_close(after_reset, base)
+
+
+_RESIDUAL = ("qweight", "wscales", "wtscale")  # what SVDQuant quantized: must never change for a LoRA
+
+
+def _residuals(layers: dict[str, SVDQuantLinear]) -> dict[str, list[torch.Tensor]]:
+    # Copies on the layer's device (about 6 GB for full-size FLUX.1: fine on the H200 runs).
+    return {name: [getattr(m, k).clone() for k in _RESIDUAL if getattr(m, k) is not None]
+            for name, m in layers.items()}
+
+
+def _unchanged(layers: dict[str, SVDQuantLinear], saved: dict[str, list[torch.Tensor]]) -> list[str]:
+    return [name for name, m in layers.items()
+            if not all(torch.equal(getattr(m, k), v)
+                       for k, v in zip([k for k in _RESIDUAL if getattr(m, k) is not None], saved[name],
+                                       strict=True))]
+
+
+@pytest.mark.lora
+@pytest.mark.per_pipeline
+def test_a_lora_goes_into_the_branches_and_leaves_the_residuals_untouched(case, request):
+    """svdquant-ref (SVDQuant section 4.4: a LoRA fuses into the low-rank branch): loading the
+    model's synthetic LoRA grows exactly the branches of the layers it targets by its rank, the
+    packed 4-bit residuals and their scales keep every byte through load, strengths and unload,
+    and unload gives every layer its very branch back."""
+    if case.scheme != "svdquant-ref":
+        pytest.skip(f"{case.scheme} is not svdquant-ref, whose own LoRA path this checks (nunchaku's svdq-*: "
+                    "test_lora_without_requantization)")
+    adapters, pipeline = request.getfixturevalue("lora_adapters"), request.getfixturevalue("pipeline")
+    layers = {n: m for n, m in pipeline.denoiser.named_modules() if isinstance(m, SVDQuantLinear)}
+    saved = _residuals(layers)
+    branches = {n: (m.lora_down, m.lora_up, m.rank) for n, m in layers.items()}
+    lora = adapters.synthetic(0)
+
+    name = adapters.load(lora)
+    grown = {n: m.rank - branches[n][2] for n, m in layers.items() if m.rank != branches[n][2]}
+    after_load = _unchanged(layers, saved)
+    adapters.set_strengths({name: 2.0})
+    after_strength = _unchanged(layers, saved)
+    adapters.unload()
+    after_unload = _unchanged(layers, saved)
+    restored = [n for n, m in layers.items() if (m.lora_down, m.lora_up, m.rank) != branches[n]]
+
+    rank = lora.recipe["rank"]
+    assert len(grown) == lora.recipe["layers"], (f"{case.id}: the LoRA targets {lora.recipe['layers']} layers, "
+                                                 f"{len(grown)} SVDQuant branches took it")
+    assert set(grown.values()) == {rank}, f"{case.id}: branches grew by {sorted(set(grown.values()))}, not {rank}"
+    for when, changed in (("load", after_load), ("set_adapters", after_strength), ("unload", after_unload)):
+        assert not changed, f"{case.id}: {len(changed)} 4-bit residuals changed at {when}, e.g. {changed[0]}"
+    assert not restored, f"{case.id}: {len(restored)} branches not restored by unload, e.g. {restored[0]}"

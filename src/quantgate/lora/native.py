@@ -129,6 +129,10 @@ def read_lora(pipe: Any, lora: LoraFile, denoiser: str) -> dict[str, Pair]:
         raise LoraMismatch(f"LoRA {lora.path} ({lora.format} layout) holds no weights for the {denoiser}")
     if "lora_A" not in next(iter(state)):  # the same test diffusers' load_lora_adapter makes
         state = convert_unet_state_dict_to_peft(state)
+    if alphas is None:
+        # Loaders without network alphas (SD3's) leave ``.alpha`` tensors in the state dict, and
+        # peft ignores them as unexpected keys: so do we, to apply what a diffusers user gets.
+        state = {k: v for k, v in state.items() if not k.endswith(".alpha")}
     other = sorted(k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight")))
     if other:
         raise LoraUnsupported(f"LoRA {lora.path} holds {len(other)} tensors that are not plain low-rank pairs "
