@@ -5,7 +5,9 @@ Each test applies a LoRA through diffusers' public API (``load_lora_weights``,
 synthetic LoRA (seeded, rank 16, attention and MLP linears of every block) and any
 ``--quantgate-lora`` file. "out" is one transformer forward on fixed seeded inputs; every
 comparison is a relative error (quantgate.quality.metrics). A scheme that cannot take a
-LoRA skips, saying why.
+LoRA skips, saying why. A scheme with its own LoRA mechanism (``Scheme.lora_attach``:
+svdquant-ref concatenates the LoRA into its low-rank branches) gets the same operations
+from it; its fused tests skip, saying why fusing does not apply.
 """
 
 import math
