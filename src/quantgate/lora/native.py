@@ -166,9 +166,9 @@ class NativeLoras:
     """Named LoRA adapters on a denoiser whose layers take them without peft (see the module docstring)."""
 
     fuse_refusal = ("the LoRA is already fused into each layer's low-rank branch at load (down' = "
-                    "[down; A diag(smooth)], up' = [up, s B]), so fuse/unfuse would change nothing; merging it into the 4-bit residual "
-                    "instead would re-quantize it, which SVDQuant's LoRA path avoids. The other LoRA tests gate "
-                    "this path")
+                    "[down; A diag(smooth)], up' = [up, s B]), so fuse/unfuse would change nothing; merging it "
+                    "into the 4-bit residual instead would re-quantize it, which SVDQuant's LoRA path avoids. "
+                    "The other LoRA tests gate this path")
 
     def __init__(self, pipe: Any, denoiser: str, scheme_name: str = ""):
         self.pipe, self.denoiser, self.scheme_name = pipe, denoiser, scheme_name
