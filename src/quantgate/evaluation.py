@@ -328,10 +328,22 @@ def run_evaluation(request: EvalRequest, identity: dict[str, Any], make_generato
 
 
 def merge_into_benchmark(path: str | Path, results: dict[str, Any]) -> None:
-    """Add ``results`` to the ``quantgate.evaluation`` list of a quantgate benchmark JSON (same id replaced)."""
+    """Add ``results`` to the ``quantgate.evaluation`` list of a quantgate benchmark JSON (same id replaced).
+
+    A file that does not exist yet is created holding only this machine's facts and the
+    evaluation, so ``quantgate report`` and ``quantgate merge`` read it like a pytest run's.
+    """
+    from datetime import datetime, timezone
+
+    from quantgate.hardware import machine_facts
     from quantgate.report.runs import load_benchmark_json
 
-    data = load_benchmark_json(path)
+    path = Path(path)
+    if path.exists():
+        data = load_benchmark_json(path)
+    else:
+        data = {"machine_info": machine_facts(), "commit_info": {}, "benchmarks": [],
+                "datetime": datetime.now(timezone.utc).isoformat(), "quantgate": {}}
     entries = [e for e in data["quantgate"].get("evaluation", []) if e.get("id") != results["id"]]
     data["quantgate"]["evaluation"] = [*entries, results]
     atomic_write_json(path, data)

@@ -35,6 +35,11 @@ from quantgate.models import get_model
 from quantgate.models.sources import SourceContext, get_source
 from quantgate.pipeline import weights_identity
 from quantgate.quality import fid
+from quantgate.report import load_runs, merge_benchmark_json
+from quantgate.report.build import build_report
+from quantgate.report.document import to_markdown
+from quantgate.report.plans import load_plans
+from tests.conftest import REPO
 from tests.unit.test_perceptual import _tiny_clip
 
 CAPTIONS = [Caption(t) for t in ("a red fox in the snow", "a lighthouse in a storm", "a bowl of ramen",
@@ -177,7 +182,7 @@ def test_cli_eval_end_to_end_with_a_tiny_clip_and_no_fid_weights(tmp_path, tiny_
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(c.text for c in CAPTIONS) + "\n")
     bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps({"benchmarks": [], "quantgate": {"gates": []}}))
+    bench.write_text(json.dumps({"benchmarks": [], "machine_info": {"gpu": None}, "quantgate": {"gates": []}}))
     out = tmp_path / "eval"
     argv = ["eval", "sd35-medium", "--source", "tiny", "--device", "cpu", "--cache-dir", str(tiny_cache),
             "--steps", "2", "--captions", str(captions), "--reference-dir", str(_reference_dir(tmp_path / "ref")),
@@ -204,6 +209,15 @@ def test_cli_eval_end_to_end_with_a_tiny_clip_and_no_fid_weights(tmp_path, tiny_
     assert again["generation"]["reused"] == 3 and again["generation"]["generated"] == 1
     assert json.loads(bench.read_text())["quantgate"]["evaluation"] == [again]
 
+    # The report shows it, and `quantgate merge` keeps it.
+    text = to_markdown(build_report(load_runs([bench]), load_plans(REPO / "fixtures" / "plans.toml"), "eval"))
+    section = text.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
+    assert (f"| sd35-medium-tiny-bf16-eager-b1-cpu | 2 steps, guidance 4.5, 64x64 | 4 | skipped | "
+            f"{again['metrics']['clip_score']['value']:.4f} | 1 new, 3 reused |") in section
+    assert f"sd35-medium-tiny-bf16-eager-b1-cpu FID | {again['metrics']['fid']['skipped']}" in section
+    merged = merge_benchmark_json([bench, bench])["quantgate"]["evaluation"]
+    assert [e["part"] for e in merged] == [0, 1] and merged[1]["metrics"] == again["metrics"]
+
 
 def test_cli_eval_usage_errors(tmp_path, capsys):
     assert main(["eval", "sd35-medium", "--scheme", "bnb-nf4", "--device", "cpu", "--source", "tiny",
@@ -214,6 +228,17 @@ def test_cli_eval_usage_errors(tmp_path, capsys):
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
     assert "--fid-weights" in help_text and "--limit" in help_text and "resumable" in help_text
+
+
+def test_merge_creates_a_report_readable_file_when_there_is_none(tmp_path):
+    target = tmp_path / "new" / "evaluation.json"
+    merge_into_benchmark(target, {"id": "a", "metrics": {}})
+    merge_into_benchmark(target, {"id": "b", "metrics": {}})
+    merge_into_benchmark(target, {"id": "a", "metrics": {"replaced": True}})
+    runs = load_runs([target])
+    assert runs.results == [] and runs.machine["hardware_class"]
+    assert [e["id"] for e in runs.data["quantgate"]["evaluation"]] == ["b", "a"]
+    assert runs.data["quantgate"]["evaluation"][1]["metrics"] == {"replaced": True}
 
 
 def test_merge_refuses_a_file_quantgate_did_not_write(tmp_path):
