@@ -113,3 +113,39 @@ def test_fid_metric_plumbing_on_image_files_with_an_injected_feature(tmp_path):
     different = fid_metric(files, sorted(dark.iterdir()), feature=_TinyConv())
     assert different["reference"] == 3 and different["custom_distance"] > 1e-4
     assert "at least 2" in fid_metric(files[:1], files, feature=_TinyConv())["skipped"]
+
+
+def test_inception_path_loads_the_configured_file_and_never_downloads(tmp_path, monkeypatch):
+    """torchmetrics + torch-fidelity's Inception, loading a file quantgate resolved.
+
+    The file holds *random* Inception weights made here (torch-fidelity's network, its real
+    weights are not on the machines that run this): the distance computed from them checks the
+    loading path only and is not FID.
+    """
+    inception = pytest.importorskip(
+        "torch_fidelity.feature_extractor_inceptionv3",
+        reason="the Inception path needs torch-fidelity: pip install torch-fidelity (torchmetrics[image])")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("torch-fidelity tried to download its weights")
+
+    monkeypatch.setattr(inception, "load_state_dict_from_url", no_download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with monkeypatch.context() as patch:  # build the network once without weights, to save random ones
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        patch.setattr(torch, "load", lambda *a, **k: None)
+        torch.manual_seed(0)
+        state = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], "unused").state_dict()
+    weights = tmp_path / "inception-random.pth"
+    torch.save(state, weights)
+    assert "weights-inception-2015-12-05-6726825d.pth" in fid.fid_problem()  # the cache is empty
+    assert fid.fid_problem(weights) is None
+    acc = fid.FidAccumulator(weights)
+    assert acc.weights == weights
+    loaded = acc.metric.inception.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (4, 3, fid.FID_IMAGE_SIZE, fid.FID_IMAGE_SIZE), dtype=np.uint8))
+    acc.update(images, real=True)
+    acc.update(images, real=False)
+    assert acc.compute() == pytest.approx(0.0, abs=1e-2)  # the same images: the distance of equal sets
