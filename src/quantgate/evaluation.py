@@ -37,6 +37,7 @@ from quantgate.errors import ConfigFileError, QuantgateError
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
 MANIFEST_FORMAT = 1
+RANDOM_WEIGHT_SOURCES = frozenset({"synthetic", "tiny"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
 # prompts, per-image seeds -> images (N, H, W, 3) in [0, 1]
@@ -323,6 +324,9 @@ def run_evaluation(request: EvalRequest, identity: dict[str, Any], make_generato
             "clip_score": clip_metric(generated, captions, request.clip_model, device),
         },
     }
+    if request.case.source in RANDOM_WEIGHT_SOURCES:
+        results["note"] = (f"source {request.case.source!r} has seeded random weights: the images are noise-like and "
+                           "the metrics exercise the harness, they say nothing about the model or the scheme")
     atomic_write_json(request.out_dir / RESULTS, results)
     return results
 

@@ -193,6 +193,7 @@ def test_cli_eval_end_to_end_with_a_tiny_clip_and_no_fid_weights(tmp_path, tiny_
     assert results["images"] == 3 and results["generation"]["generated"] == 3
     assert results["settings"]["num_inference_steps"] == 2 and results["settings"]["height"] == 64
     assert results["settings"]["guidance_scale"] == 4.5  # the model card's
+    assert "random weights" in results["note"]
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     assert f"{fid.INCEPTION_FILE} in {checkpoints}" in results["metrics"]["fid"]["skipped"]
     assert "value" not in results["metrics"]["fid"]
