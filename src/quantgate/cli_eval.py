@@ -32,6 +32,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     context = _Context(args)  # the same model/source/steps/resolution handling as `quantgate gptq`
+    if args.path:  # --source path: the user's diffusers directory
+        context.ctx = replace(context.ctx, paths={context.spec.name: Path(args.path).expanduser()})
     reason = get_scheme(args.scheme).requires.unmet(args.scheme, device_info(context.device), context.spec.name)
     if reason:
         raise QuantgateError(reason)
@@ -72,7 +74,9 @@ def add_eval_parser(sub: Any) -> None:
                    help="image i uses seed SEED+i; also the seed of synthetic weights (default: 0)")
     p.add_argument("--source", default="auto",
                    help="auto, hub, synthetic, tiny (default: auto: hub if cached, else synthetic, on a GPU; "
-                        "tiny on the CPU). Only hub weights make FID and CLIP score meaningful")
+                        "tiny on the CPU), path (with --path). Only real weights (hub, path) make FID and CLIP "
+                        "score meaningful")
+    p.add_argument("--path", help="a diffusers directory of the model, for --source path")
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--cache-dir", help="default: $QUANTGATE_CACHE_DIR or ~/.cache/quantgate")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model card's, 40 for sd35-medium)")

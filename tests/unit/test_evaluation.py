@@ -224,6 +224,9 @@ def test_cli_eval_usage_errors(tmp_path, capsys):
     assert main(["eval", "sd35-medium", "--scheme", "bnb-nf4", "--device", "cpu", "--source", "tiny",
                  "--captions", "c.txt", "--reference-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "bnb-nf4 runs only on a CUDA GPU" in capsys.readouterr().err
+    assert main(["eval", "sd35-medium", "--source", "path", "--path", str(tmp_path), "--device", "cpu",
+                 "--captions", "c.txt", "--reference-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path}/model_index.json is missing" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--help"])
     assert exit_.value.code == 0
