@@ -11,6 +11,8 @@
     quantgate env                         GPU, driver, CUDA and library versions as JSON
     quantgate gptq calibrate|quantize|benchmark|samples MODEL
                                           the GPTQ W4A8 plan, step by step (--help on each)
+    quantgate eval MODEL --captions F --reference-dir D --out O
+                                          generate for a caption set, FID and CLIP score (resumable)
 """
 
 from __future__ import annotations
@@ -252,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     from quantgate.cli_gptq import add_gptq_parser
 
     add_gptq_parser(sub)
+
+    # -- evaluation mode: FID and CLIP score over a caption set --
+    from quantgate.cli_eval import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

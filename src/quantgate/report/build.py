@@ -10,6 +10,7 @@ from pathlib import Path
 from quantgate.gates import METRICS, format_value
 from quantgate.report import plots
 from quantgate.report.document import Bullets, Document, Figure, Image, Paragraph, Section, Table
+from quantgate.report.evaluation import evaluation_section
 from quantgate.report.plans import Plans, evaluate
 from quantgate.report.recommend import recommendations
 from quantgate.report.runs import Result, RunSet
@@ -191,6 +192,7 @@ def build_report(runs: RunSet, plans: Plans, title: str) -> Document:
         _memory(runs, plans),
         _batch_scaling(runs),
         _quality(runs),
+        *[s for s in (evaluation_section(runs),) if s is not None],  # quantgate eval results, when present
         _gates(runs),
         _skips(runs),
     ])

@@ -51,5 +51,7 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
         merged["quantgate"]["verdicts"] += [{**v, "part": index} for v in q.get("verdicts", [])]
         merged["quantgate"]["releases"] += [{**r, "part": index} for r in q.get("releases", [])]
         merged["quantgate"]["outcomes"].update({f"{node} (part {index})": o for node, o in q.get("outcomes", {}).items()})
+        if q.get("evaluation"):  # quantgate eval results (report's Evaluation section)
+            merged["quantgate"].setdefault("evaluation", []).extend({**e, "part": index} for e in q["evaluation"])
     merged["quantgate"]["selection"] = merged["quantgate"]["parts"][0]["selection"]
     return merged
