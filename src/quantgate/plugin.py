@@ -41,12 +41,14 @@ from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
+from quantgate.sharding import pipeline_group
 from quantgate.variants import VARIANTS, get_variant
 
 T = TypeVar("T")
 
 # LoRA gates: the --quantgate-lora option and the lora fixtures live in their own plugin module.
-pytest_plugins = ["quantgate.lora_plugin"]
+# Several GPUs and runners (xdist workers, shards): quantgate.distribute.
+pytest_plugins = ["quantgate.lora_plugin", "quantgate.distribute"]
 
 BASE_MARKERS = {
     "gpu": "runs on a CUDA GPU (skips with the reason where there is none)",
@@ -410,6 +412,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for case in cases:
         marks = [getattr(pytest.mark, case.tier), getattr(pytest.mark, get_model(case.model).family)]
         marks += [getattr(pytest.mark, m) for m in get_scheme(case.scheme).markers]
+        # xdist's loadgroup keeps tests that share a pipeline on one worker (built once there).
+        marks.append(pytest.mark.xdist_group(pipeline_group(case.pipeline_key)))
         params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("case", params)
 
