@@ -238,6 +238,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     if state.worker_parts and (bs.json or bs.save or bs.autosave):
         _write_merged(config, bs, state)
+    elif state.shard is not None and bs.json and not bs.benchmarks and not bs.disabled:
+        # pytest-benchmark writes nothing without a benchmark; a shard whose tests all skipped
+        # still needs its file, or `quantgate merge` would count it as missing.
+        from quantgate.atomic import atomic_write_json
+
+        atomic_write_json(bs.json, benchmark_json(config, []))
 
 
 @pytest.hookimpl(optionalhook=True)
