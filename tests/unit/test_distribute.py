@@ -242,6 +242,9 @@ def test_worker_timings_land_in_one_json_that_pytest_benchmark_reads(spread_runs
                               str(out), "--group-by=name"], capture_output=True, text=True, cwd=root)
     assert listing.returncode == 0, listing.stderr
     assert "test_e2e[flux-schnell-tiny-int8-wo-eager-b1-cpu]" in listing.stdout
+    from quantgate.report import load_runs
+
+    assert sorted(r.scheme for r in load_runs([out]).results) == ["bf16", "int8-wo"]  # quantgate's reader too
 
 
 def test_shards_merge_into_one_run_with_the_results_of_the_distributed_run(spread_runs, capsys):
@@ -264,3 +267,17 @@ def test_shards_merge_into_one_run_with_the_results_of_the_distributed_run(sprea
     assert names == sorted(b["fullname"] for b in distributed["benchmarks"])
     assert main(["merge", shards[0], "-o", str(merged_path)]) == 2
     assert "shards 2/2 are missing" in capsys.readouterr().err
+
+
+def test_a_shard_whose_tests_all_skip_still_writes_its_json(pytester, args):
+    pytester.makepyfile(TESTS)
+    out = pytester.path / "shard.json"
+    # bnb-nf4 needs a GPU: on the CPU tier it skips, so pytest-benchmark alone would write nothing.
+    result = pytester.runpytest_subprocess(*args, "-m", "cpu", "--quantgate-models=flux-schnell", "-k", "e2e",
+                                           "--quantgate-schemes=bnb-nf4", "--quantgate-shard=1/1",
+                                           f"--benchmark-json={out}")
+    result.assert_outcomes(skipped=1)
+    q = load_benchmark_json(out)["quantgate"]
+    assert q["shard"]["index"] == 1 and q["shard"]["count"] == 1 and q["shard"]["tests"] == 1
+    (outcome,) = q["outcomes"].values()
+    assert outcome["outcome"] == "skipped" and "bnb-nf4 runs only on a CUDA GPU" in outcome["reason"]
