@@ -177,9 +177,22 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 
+SPREAD_NOTE = ("; spread over {where}, this process holds only its own pipeline groups, and tests that compare "
+               "a case with another (speedups, the session's bf16 reference) see the other only when it ran here: "
+               "the merged JSON has every median (`quantgate report` computes the speedups), or run such gates "
+               "without -n/--quantgate-shard or with a golden set")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Let pytest-benchmark time on workers (one GPU each), and write JSON only on the controller."""
+    from quantgate.plugin import _run
+
+    state = _state(session.config)
+    where = [w for w, on in ((f"xdist worker {state.worker}", state.worker), (
+        f"shard {state.shard and state.shard['index']}/{state.shard and state.shard['count']}", state.shard)) if on]
+    if where:
+        _run(session.config).spread_note = SPREAD_NOTE.format(where=" and ".join(where))
     bs = getattr(session.config, "_benchmarksession", None)
     if bs is None or not getattr(bs, "xdist_warning", False):
         return  # not under xdist, or benchmarks were skipped/disabled on purpose

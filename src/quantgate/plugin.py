@@ -236,6 +236,9 @@ class QuantgateRun:
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     records: Records = field(default_factory=Records)
     case_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)  # nodeid -> its case, for outcomes
+    # Set by quantgate.distribute under -n / --quantgate-shard: why a comparison with another
+    # case (speedup, session reference) may find nothing here, appended to such skip reasons.
+    spread_note: str = ""
     _devices: dict[str, DeviceInfo] = field(default_factory=dict)
     _peaks: dict[str, float | None] = field(default_factory=dict)
     _sources: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -628,7 +631,7 @@ def runs_here(case: Case, quantgate_run: QuantgateRun) -> Case:
 
 
 @pytest.fixture
-def speedup(runs_here: Case, records: Records) -> Callable[[str, str], float]:
+def speedup(runs_here: Case, records: Records, quantgate_run: QuantgateRun) -> Callable[[str, str], float]:
     """``speedup(scope, baseline)``: the eager ``baseline``'s median over this case's, same batch.
 
     Skips, saying why, when the case cannot run here or either timing is missing from this session.
@@ -638,7 +641,8 @@ def speedup(runs_here: Case, records: Records) -> Callable[[str, str], float]:
     def compute(scope: str, baseline: str) -> float:
         value, reason = records.speedup(case, scope, baseline)
         if value is None:
-            pytest.skip(reason)
+            itself = case.scheme == baseline and case.variant == "eager"
+            pytest.skip(reason + ("" if itself else quantgate_run.spread_note))
         return value
 
     return compute
@@ -750,7 +754,7 @@ class QualityReference:
         if "reference" not in samples:
             pytest.skip(f"no reference images for {case.model}/{case.source}: no golden set in "
                         f"{self.run.golden_dir / case.model / case.source} and no bf16 eager run before this case "
-                        "in this session (include bf16 in --quantgate-schemes)")
+                        "in this session (include bf16 in --quantgate-schemes)" + self.run.spread_note)
         return samples["reference"], "bf16 eager of this session"
 
     def case_images(self) -> Any:
@@ -780,7 +784,8 @@ class QualityReference:
             pytest.skip(f"{self.case.id} is the bf16 reference of this comparison")
         if key not in self.run.records.outputs:
             pytest.skip(f"no bf16 eager transformer output for {self.case.model}/{self.case.source} at batch "
-                        f"{self.case.batch} in this session (include bf16 in --quantgate-schemes)")
+                        f"{self.case.batch} in this session (include bf16 in --quantgate-schemes)"
+                        + self.run.spread_note)
         return self.run.records.outputs[key]
 
     def _write_grid(self, key: tuple[str, str, str], samples: dict[str, Any]) -> None:

@@ -35,6 +35,9 @@ def test_probe(case):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     probe = Path(os.environ["QG_PROBE_DIR"]) / f"{case.id}.{worker}"
     probe.write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+
+def test_speedup(case, speedup):
+    assert speedup("end_to_end", "bf16") > 0
 """
 
 CASE_TESTS = """
@@ -211,11 +214,11 @@ def spread_runs(tmp_path_factory, tiny_cache):
 def test_two_workers_keep_each_pipeline_on_one_worker_pinned_to_its_gpu(spread_runs):
     _, probes, runs = spread_runs
     out, output = runs["xdist"]
-    assert "4 passed" in output and "automatically disabled" not in output
+    assert "4 passed, 2 skipped" in output and "automatically disabled" not in output
     q = load_benchmark_json(out)["quantgate"]
     workers = {}
     for node, outcome in q["outcomes"].items():
-        assert "@" not in node and outcome["outcome"] == "passed"
+        assert "@" not in node and outcome["outcome"] == ("skipped" if outcome["test"] == "test_speedup" else "passed")
         workers.setdefault(outcome["case"], set()).add((outcome["worker"], outcome["gpu"]))
     assert len(workers) == 2 and all(len(w) == 1 for w in workers.values())  # one worker per pipeline
     assigned = {"gw0": "0", "gw1": "1"}  # --quantgate-gpus 0,1, in worker order
@@ -223,6 +226,9 @@ def test_two_workers_keep_each_pipeline_on_one_worker_pinned_to_its_gpu(spread_r
         assert assigned[worker] == gpu
         assert (probes / f"{case}.{worker}").read_text() == gpu  # what CUDA would have seen there
     assert sorted(w["worker"] for w in q["xdist"]["workers"]) == ["gw0", "gw1"]
+    # A comparison with a case held by the other worker says so, instead of a bare "not in this session".
+    (reason,) = [o["reason"] for o in q["outcomes"].values() if o["test"] == "test_speedup" and o["scheme"] != "bf16"]
+    assert "no bf16 eager end_to_end timing" in reason and "spread over xdist worker gw" in reason
 
 
 def test_worker_timings_land_in_one_json_that_pytest_benchmark_reads(spread_runs):
@@ -265,6 +271,13 @@ def test_shards_merge_into_one_run_with_the_results_of_the_distributed_run(sprea
         n: o["outcome"] for n, o in distributed["quantgate"]["outcomes"].items()}
     names = sorted(b["fullname"] for b in merged["benchmarks"])
     assert names == sorted(b["fullname"] for b in distributed["benchmarks"])
+    from quantgate.report.spread import compare_spread
+
+    check = compare_spread(merged_path, runs["xdist"][0], single_wall_s=30.0, spread_wall_s=16.0)
+    assert check["same_results"] and check["tests"] == 6 and len(check["medians"]) == 2
+    assert check["scaling"] == 1.875 and not check["only_single"] and not check["benchmarks_only_spread"]
+    partial = compare_spread(shards[0], runs["xdist"][0])  # half the selection: not the same results
+    assert not partial["same_results"] and len(partial["only_spread"]) == 3 and len(partial["medians"]) == 1
     assert main(["merge", shards[0], "-o", str(merged_path)]) == 2
     assert "shards 2/2 are missing" in capsys.readouterr().err
 
