@@ -42,6 +42,8 @@ class Distribution:
         self.worker: str | None = None
         self.gpu: str | None = None
         self.worker_gpus: list[str | None] = []
+        self.gpu_of: dict[str, str] = {}  # (controller) worker id -> its GPU, while it is up
+        self.free_gpus: list[str] = []  # GPUs of workers that went down (a replacement takes one)
         self.shard: dict[str, Any] | None = None
         self.original_nodeids: dict[str, str] = {}  # xdist's "nodeid@group" -> nodeid
         self.worker_parts: dict[str, dict[str, Any]] = {}
@@ -127,10 +129,16 @@ def pytest_configure_node(node: Any) -> None:
     if not any(state.worker_gpus):
         return
     match = re.fullmatch(r"gw(\d+)", node.gateway.id)
-    if match is None or int(match[1]) >= len(state.worker_gpus):
+    index = int(match[1]) if match else len(state.worker_gpus)
+    if index < len(state.worker_gpus) and state.worker_gpus[index] not in state.gpu_of.values():
+        gpu = state.worker_gpus[index]
+    elif state.free_gpus:  # a replacement for a crashed worker takes over its GPU
+        gpu = state.free_gpus.pop(0)
+    else:
         raise pytest.UsageError(f"xdist worker {node.gateway.id!r} has no GPU of its own "
                                 f"(GPUs: {state.worker_gpus}); use -n N, not custom --tx ids")
-    node.workerinput["quantgate_gpu"] = state.worker_gpus[int(match[1])]
+    state.gpu_of[node.gateway.id] = gpu
+    node.workerinput["quantgate_gpu"] = gpu
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
@@ -264,6 +272,8 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     """(controller) keep what a finished worker sent."""
     output = getattr(node, "workeroutput", {}) or {}
     state = _state(node.config)
+    if node.gateway.id in state.gpu_of:
+        state.free_gpus.append(state.gpu_of.pop(node.gateway.id))
     if _OUTPUT_KEY in output:
         state.worker_parts[node.gateway.id] = json.loads(output[_OUTPUT_KEY])
     elif error is not None:

@@ -110,6 +110,31 @@ def test_visible_gpus_come_from_the_environment_or_nvidia_smi_without_cuda(tmp_p
         parse_gpus("0,0")
 
 
+def test_each_worker_gets_its_gpu_and_a_replacement_takes_over_a_crashed_workers():
+    from types import SimpleNamespace
+
+    from quantgate import distribute
+
+    state = distribute.Distribution()
+    state.worker_gpus = ["2", "3"]
+    config = SimpleNamespace(stash={distribute._STATE: state}, getoption=lambda name, default=None: "loadgroup")
+
+    def node(worker):
+        return SimpleNamespace(config=config, gateway=SimpleNamespace(id=worker), workerinput={}, workeroutput={})
+
+    gw0, gw1 = node("gw0"), node("gw1")
+    for n in (gw0, gw1):
+        distribute.pytest_configure_node(n)
+    assert [n.workerinput["quantgate_gpu"] for n in (gw0, gw1)] == ["2", "3"]
+    assert gw0.workerinput["quantgate_loadgroup"] is True
+    distribute.pytest_testnodedown(gw1, error="crashed")  # xdist then starts gw2 in its place
+    gw2 = node("gw2")
+    distribute.pytest_configure_node(gw2)
+    assert gw2.workerinput["quantgate_gpu"] == "3"
+    with pytest.raises(pytest.UsageError, match="'gw3' has no GPU of its own"):
+        distribute.pytest_configure_node(node("gw3"))
+
+
 def _part(index, count, nodes, digest="d"):
     return {"machine_info": {"gpu": "x"}, "benchmarks": [], "datetime": "t", "commit_info": {"id": "c"},
             "quantgate": {"version": "0", "selection": {}, "outcomes": {n: {"outcome": "passed"} for n in nodes},
