@@ -25,7 +25,14 @@ from typing import Any
 import pytest
 
 from quantgate.gpus import gpus_for_workers, parse_gpus, visible_gpus
-from quantgate.sharding import assign_shards, parse_shard, pipeline_group, selection_digest
+from quantgate.sharding import (
+    SPREAD_UNITS,
+    assign_shards,
+    parse_shard,
+    pipeline_group,
+    selection_digest,
+    spread_unit,
+)
 
 _STATE = pytest.StashKey["Distribution"]()
 _OUTPUT_KEY = "quantgate_benchmark_json"
@@ -63,6 +70,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--quantgate-shard", dest="quantgate_shard", default=None, metavar="i/N",
                     help="run only shard i of N (whole pipeline groups, balanced by test count); "
                          "join the shards' JSON files with `quantgate merge`")
+    group.addoption("--quantgate-spread-by", dest="quantgate_spread_by", default="pipeline", choices=SPREAD_UNITS,
+                    help="what a worker or shard gets whole: pipeline (default: most parallel) or model (every "
+                         "scheme of a model, so speedups and session-reference comparisons stay checked)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -151,7 +161,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from quantgate.scheduling import group_of_nodeid, pipeline_scheduler
 
     run = _run(config)
-    groups = {case.id: pipeline_group(case.pipeline_key) for case in build_cases(run.selection, run.choose_source)}
+    unit = config.getoption("quantgate_spread_by")
+    groups = {case.id: spread_unit(case.pipeline_key, unit) for case in build_cases(run.selection, run.choose_source)}
     return pipeline_scheduler(config, log, lambda nodeid: group_of_nodeid(nodeid, groups))
 
 
@@ -161,13 +172,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from quantgate.plugin import _case_of
 
     state = _state(config)
+    unit = config.getoption("quantgate_spread_by")
     groups: dict[str, int] = {}
     names = []
     for item in items:
         case = _case_of(item)
-        name = HARNESS_GROUP if case is None else pipeline_group(case.pipeline_key)
-        suffix = f"@{name}"
-        if case is not None and item.nodeid.endswith(suffix):  # xdist's loadgroup renamed it
+        name = HARNESS_GROUP if case is None else spread_unit(case.pipeline_key, unit)
+        suffix = f"@{pipeline_group(case.pipeline_key)}" if case is not None else None
+        if suffix is not None and item.nodeid.endswith(suffix):  # xdist's loadgroup renamed it (pytest < 9.2)
             state.original_nodeids[item.nodeid] = item.nodeid[: -len(suffix)]
         groups[name] = groups.get(name, 0) + 1
         names.append(name)
@@ -187,8 +199,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 SPREAD_NOTE = ("; spread over {where}, this process holds only its own pipeline groups, and tests that compare "
                "a case with another (speedups, the session's bf16 reference) see the other only when it ran here: "
-               "the merged JSON has every median (`quantgate report` computes the speedups), or run such gates "
-               "without -n/--quantgate-shard or with a golden set")
+               "the merged JSON has every median (`quantgate report` computes the speedups); --quantgate-spread-by "
+               "model keeps a model's cases together, or give the quality tests a golden set")
 
 
 @pytest.hookimpl(trylast=True)
@@ -218,6 +230,8 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output
     """Say in the JSON which shard and which worker/GPU this is, and undo xdist's nodeid suffix."""
     state = _state(config)
     q = output_json.setdefault("quantgate", {})
+    if state.shard is not None or state.worker is not None:
+        q["spread_by"] = config.getoption("quantgate_spread_by")
     if state.shard is not None:
         q["shard"] = dict(state.shard)
     if state.worker is not None:

@@ -16,12 +16,12 @@ from typing import Any
 def group_of_nodeid(nodeid: str, groups: Mapping[str, str]) -> str | None:
     """The group of the case parametrizing ``nodeid`` (``groups``: case id -> group), else None.
 
-    A nodeid with xdist's ``@group`` suffix (pytest before 9.2) names its group directly. The
-    longest run of ``-``-separated id parts that is a case id wins, so no case id that is a
-    prefix of another (``svdq-int4`` / ``svdq-int4-fbcache`` schemes) is taken for it.
+    xdist's ``@group`` suffix (pytest before 9.2) is set aside: it names the pipeline, and the
+    unit may be larger. The longest run of ``-``-separated id parts that is a case id wins, so
+    no case id that is a prefix of another (``svdq-int4`` / ``svdq-int4-fbcache``) is taken for it.
     """
     if nodeid.rfind("@") > nodeid.rfind("]"):
-        return nodeid.rsplit("@", 1)[1]
+        nodeid = nodeid.rsplit("@", 1)[0]
     start = nodeid.find("[")
     if start < 0 or not nodeid.endswith("]"):
         return None

@@ -18,6 +18,15 @@ def pipeline_group(key: tuple[str, ...]) -> str:
     return "-".join(key)
 
 
+SPREAD_UNITS = ("pipeline", "model")
+
+
+def spread_unit(key: tuple[str, ...], unit: str) -> str:
+    """What one worker or shard gets whole: a pipeline, or every pipeline of one model on one
+    device and source (``model``: the cases a speedup or a session-reference comparison reads)."""
+    return pipeline_group(key if unit == "pipeline" else key[:3])
+
+
 def parse_shard(value: str) -> tuple[int, int]:
     """``"i/N"`` as ``(i, N)`` with ``1 <= i <= N``; ValueError saying what is wrong otherwise."""
     match = _SHARD.match(value)

@@ -88,7 +88,7 @@ def test_a_nodeid_maps_to_its_case_pipeline_even_where_case_ids_share_a_prefix()
     assert group_of_nodeid("t.py::test_x[flux-schnell-hub-svdq-int4-fbcache-eager-b1-cuda]", groups) == "B"
     assert group_of_nodeid("t.py::test_x[flux-schnell-hub-svdq-int4-eager-b1-cuda]", groups) == "A"
     assert group_of_nodeid("t.py::test_lora[flux-schnell-tiny-bf16-eager-b1-cpu-synthetic]", groups) == "C"
-    assert group_of_nodeid("t.py::test_x[anything]@named", groups) == "named"  # xdist's suffix, older pytest
+    assert group_of_nodeid("t.py::test_x[flux-schnell-tiny-bf16-eager-b1-cpu]@named", groups) == "C"  # pytest < 9.2
     assert group_of_nodeid("t.py::test_harness", groups) is None
     assert group_of_nodeid("t.py::test_x[flux-schnell-tiny-int8-wo-eager-b1-cpu]", groups) is None
 
@@ -195,6 +195,10 @@ def test_shards_split_the_collected_selection_by_pipeline_group(pytester, args):
         for line in shard:
             owners.setdefault(pipeline(line), set()).add(index)
     assert len(owners) == 2 * 3 and all(len(o) == 1 for o in owners.values())  # whole pipelines per shard
+    by_model = [ids(f"--quantgate-shard={i}/2", "--quantgate-spread-by=model") for i in (1, 2)]
+    assert sorted(sum(by_model, [])) == sorted(full)
+    assert [{line.split("[")[1].split("-tiny-")[0] for line in shard} for shard in by_model] in (
+        [{"flux-schnell"}, {"sd35-medium"}], [{"sd35-medium"}, {"flux-schnell"}])  # whole models
     bad = pytester.runpytest(*args, *selection, "--quantgate-shard=3/2")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--quantgate-shard 3/2: need 1 <= i <= N*"])
@@ -223,14 +227,16 @@ def spread_runs(tmp_path_factory, tiny_cache):
               f"--quantgate-cache-dir={tiny_cache}", f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}",
               f"--quantgate-prompts={REPO / 'fixtures' / 'prompts' / 'gate.txt'}",
               *_selection("bf16", "int8-wo")]
-    env = {**os.environ, "QG_PROBE_DIR": str(probes), "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     runs = {}
     for name, extra in (("xdist", ["-n", "2", "--quantgate-gpus=0,1"]), ("shard1", ["--quantgate-shard=1/2"]),
-                        ("shard2", ["--quantgate-shard=2/2"])):
+                        ("shard2", ["--quantgate-shard=2/2"]),
+                        ("by_model", ["-n", "2", "--quantgate-spread-by=model"])):
         out = root / f"{name}.json"
-        done = subprocess.run([*common, *extra, f"--benchmark-json={out}"], cwd=root, env=env,
-                              capture_output=True, text=True)
+        (probes / name).mkdir()
+        done = subprocess.run([*common, *extra, f"--benchmark-json={out}"], cwd=root,
+                              env={**env, "QG_PROBE_DIR": str(probes / name)}, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         runs[name] = (out, done.stdout + done.stderr)
     return root, probes, runs
@@ -249,11 +255,20 @@ def test_two_workers_keep_each_pipeline_on_one_worker_pinned_to_its_gpu(spread_r
     assigned = {"gw0": "0", "gw1": "1"}  # --quantgate-gpus 0,1, in worker order
     for case, ((worker, gpu),) in workers.items():
         assert assigned[worker] == gpu
-        assert (probes / f"{case}.{worker}").read_text() == gpu  # what CUDA would have seen there
+        assert (probes / "xdist" / f"{case}.{worker}").read_text() == gpu  # what CUDA would have seen there
     assert sorted(w["worker"] for w in q["xdist"]["workers"]) == ["gw0", "gw1"]
     # A comparison with a case held by the other worker says so, instead of a bare "not in this session".
     (reason,) = [o["reason"] for o in q["outcomes"].values() if o["test"] == "test_speedup" and o["scheme"] != "bf16"]
     assert "no bf16 eager end_to_end timing" in reason and "spread over xdist worker gw" in reason
+
+
+def test_spreading_by_model_keeps_the_comparisons_of_a_model_in_one_worker(spread_runs):
+    _, _, runs = spread_runs
+    q = load_benchmark_json(runs["by_model"][0])["quantgate"]
+    assert q["spread_by"] == "model" and len({o["worker"] for o in q["outcomes"].values()}) == 1
+    speedups = {o["scheme"]: o for o in q["outcomes"].values() if o["test"] == "test_speedup"}
+    assert speedups["int8-wo"]["outcome"] == "passed"  # bf16 was timed in the same worker
+    assert "is the bf16 eager baseline itself" in speedups["bf16"]["reason"]
 
 
 def test_worker_timings_land_in_one_json_that_pytest_benchmark_reads(spread_runs):
