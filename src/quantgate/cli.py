@@ -137,9 +137,15 @@ def _merge(args: argparse.Namespace) -> int:
     from quantgate.atomic import atomic_write_json
     from quantgate.report import merge_benchmark_json
 
-    merged = merge_benchmark_json(args.inputs, allow_mixed_machines=args.allow_mixed_machines)
+    merged = merge_benchmark_json(args.inputs, allow_mixed_machines=args.allow_mixed_machines,
+                                  allow_missing_shards=args.allow_missing_shards)
     atomic_write_json(args.output, merged)
     print(f"{args.output}: {len(merged['benchmarks'])} benchmarks from {len(args.inputs)} files")
+    shards = merged["quantgate"].get("shards")
+    if shards is not None:
+        missing = ", ".join(f"{i}/{shards['count']}" for i in shards["missing"])
+        print(f"shards of one selection: {len(shards['present'])} of {shards['count']}"
+              + (f"; MISSING {missing}" if missing else ""))
     return 0
 
 
@@ -234,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the merged file")
     p.add_argument("--allow-mixed-machines", action="store_true",
                    help="merge files from different GPUs, drivers or library versions")
+    p.add_argument("--allow-missing-shards", action="store_true",
+                   help="merge the shards of a --quantgate-shard run even where some are missing (listed)")
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("golden", help="(re)write a model's golden images from its bf16 pipeline, atomically")

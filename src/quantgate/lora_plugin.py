@@ -235,6 +235,7 @@ class LoraReference:
     case: Case
     lora_id: str
     _keys: list[str] = field(default_factory=list)
+    spread_note: str = ""  # under -n / --quantgate-shard: bf16 may have run in another process
 
     @property
     def is_baseline(self) -> bool:
@@ -260,11 +261,15 @@ class LoraReference:
         value = self.get(label)
         if value is None:
             pytest.skip(f"no bf16 eager result '{label}' for {self.case.model}/{self.case.source} with LoRA "
-                        f"{self.lora_id} in this session (include bf16 in --quantgate-schemes; it runs first)")
+                        f"{self.lora_id} in this session (include bf16 in --quantgate-schemes; it runs first)"
+                        + self.spread_note)
         return value
 
 
 @pytest.fixture
 def lora_reference(runs_here: Case, lora: LoraFile, request: pytest.FixtureRequest) -> LoraReference:
     """bf16 eager outputs with and without this test's LoRA (see ``LoraReference``)."""
-    return LoraReference(request.config.stash[_OUTPUTS], runs_here, str(lora.path))
+    from quantgate.plugin import _run
+
+    return LoraReference(request.config.stash[_OUTPUTS], runs_here, str(lora.path),
+                         spread_note=_run(request.config).spread_note)

@@ -41,12 +41,14 @@ from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
+from quantgate.sharding import pipeline_group
 from quantgate.variants import VARIANTS, get_variant
 
 T = TypeVar("T")
 
 # LoRA gates: the --quantgate-lora option and the lora fixtures live in their own plugin module.
-pytest_plugins = ["quantgate.lora_plugin"]
+# Several GPUs and runners (xdist workers, shards): quantgate.distribute.
+pytest_plugins = ["quantgate.lora_plugin", "quantgate.distribute"]
 
 BASE_MARKERS = {
     "gpu": "runs on a CUDA GPU (skips with the reason where there is none)",
@@ -234,6 +236,9 @@ class QuantgateRun:
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     records: Records = field(default_factory=Records)
     case_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)  # nodeid -> its case, for outcomes
+    # Set by quantgate.distribute under -n / --quantgate-shard: why a comparison with another
+    # case (speedup, session reference) may find nothing here, appended to such skip reasons.
+    spread_note: str = ""
     _devices: dict[str, DeviceInfo] = field(default_factory=dict)
     _peaks: dict[str, float | None] = field(default_factory=dict)
     _sources: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -410,6 +415,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for case in cases:
         marks = [getattr(pytest.mark, case.tier), getattr(pytest.mark, get_model(case.model).family)]
         marks += [getattr(pytest.mark, m) for m in get_scheme(case.scheme).markers]
+        # xdist's loadgroup keeps tests that share a pipeline on one worker (built once there).
+        marks.append(pytest.mark.xdist_group(pipeline_group(case.pipeline_key)))
         params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("case", params)
 
@@ -624,7 +631,7 @@ def runs_here(case: Case, quantgate_run: QuantgateRun) -> Case:
 
 
 @pytest.fixture
-def speedup(runs_here: Case, records: Records) -> Callable[[str, str], float]:
+def speedup(runs_here: Case, records: Records, quantgate_run: QuantgateRun) -> Callable[[str, str], float]:
     """``speedup(scope, baseline)``: the eager ``baseline``'s median over this case's, same batch.
 
     Skips, saying why, when the case cannot run here or either timing is missing from this session.
@@ -634,7 +641,8 @@ def speedup(runs_here: Case, records: Records) -> Callable[[str, str], float]:
     def compute(scope: str, baseline: str) -> float:
         value, reason = records.speedup(case, scope, baseline)
         if value is None:
-            pytest.skip(reason)
+            itself = case.scheme == baseline and case.variant == "eager"
+            pytest.skip(reason + ("" if itself else quantgate_run.spread_note))
         return value
 
     return compute
@@ -746,7 +754,7 @@ class QualityReference:
         if "reference" not in samples:
             pytest.skip(f"no reference images for {case.model}/{case.source}: no golden set in "
                         f"{self.run.golden_dir / case.model / case.source} and no bf16 eager run before this case "
-                        "in this session (include bf16 in --quantgate-schemes)")
+                        "in this session (include bf16 in --quantgate-schemes)" + self.run.spread_note)
         return samples["reference"], "bf16 eager of this session"
 
     def case_images(self) -> Any:
@@ -776,7 +784,8 @@ class QualityReference:
             pytest.skip(f"{self.case.id} is the bf16 reference of this comparison")
         if key not in self.run.records.outputs:
             pytest.skip(f"no bf16 eager transformer output for {self.case.model}/{self.case.source} at batch "
-                        f"{self.case.batch} in this session (include bf16 in --quantgate-schemes)")
+                        f"{self.case.batch} in this session (include bf16 in --quantgate-schemes)"
+                        + self.run.spread_note)
         return self.run.records.outputs[key]
 
     def _write_grid(self, key: tuple[str, str, str], samples: dict[str, Any]) -> None:
