@@ -1,0 +1,146 @@
+"""The pytest side of GPU memory budgets (loaded by ``quantgate.plugin``).
+
+- ``--quantgate-gpu-budget SIZE`` (``16GiB``, ``24GB``, ``16000MiB``): at session start on
+  CUDA, torch's allocator is capped to the budget (see ``quantgate.budget``); gates may select
+  on ``budget = "16GiB"``; the budget and the cap are recorded in the benchmark JSON
+  (``quantgate.gpu_budget``).
+- ``gpu_budget`` fixture: the session's budget and each pipeline's peak reserved bytes,
+  sampled after the setup and the call of every test that uses the pipeline (peaks are
+  reset when a new pipeline starts, so its loading counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from quantgate.budget import (
+    AllocatorCap,
+    BudgetTooSmall,
+    apply_cap,
+    budget_label,
+    parse_budget,
+    plan_cap,
+    snapshot,
+)
+from quantgate.cases import Case
+from quantgate.hardware import cuda_available, no_cuda_reason
+
+
+@dataclass
+class GpuBudget:
+    """The session's budget, its allocator cap and the peak reserved bytes per pipeline."""
+
+    budget: int | None = None
+    cap: AllocatorCap | None = None
+    not_enforced: str | None = None  # why no cap was set (no CUDA device...)
+    peaks: dict[tuple, int] = field(default_factory=dict)
+    _current: tuple | None = None
+
+    @property
+    def label(self) -> str | None:
+        return budget_label(self.budget) if self.budget is not None else None
+
+    def sample(self, case: Case) -> int | None:
+        """Fold torch's peak reserved bytes so far into ``case``'s pipeline peak; return it."""
+        if self.cap is None:
+            return None
+        import torch
+
+        key = case.pipeline_key
+        self.peaks[key] = max(self.peaks.get(key, 0), int(torch.cuda.max_memory_reserved()))
+        return self.peaks[key]
+
+    def start(self, case: Case) -> None:
+        """Reset the peak when a new pipeline begins, so its loading is part of its peak."""
+        if self.cap is None or case.pipeline_key == self._current:
+            return
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        self._current = case.pipeline_key
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"budget": self.label, "budget_bytes": self.budget, "not_enforced": self.not_enforced,
+                "cap": self.cap.as_dict() if self.cap is not None else None,
+                "peak_reserved_bytes": {"/".join(k): v for k, v in self.peaks.items()}}
+
+
+_BUDGET = pytest.StashKey[GpuBudget]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    help_text = ("check claims for a smaller card: cap torch's GPU allocator at SIZE (16GiB, 24GB, 16000MiB) "
+                 "and gate each case's peak against it; gates may select on budget = \"16GiB\"")
+    parser.getgroup("quantgate").addoption("--quantgate-gpu-budget", dest="quantgate_gpu_budget", default=None,
+                                           metavar="SIZE", help=help_text)
+    parser.addini("quantgate_gpu_budget", help_text, default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    raw = config.getoption("quantgate_gpu_budget") or config.getini("quantgate_gpu_budget") or None
+    state = GpuBudget()
+    if raw:
+        try:
+            state.budget = parse_budget(raw)
+        except ValueError as exc:
+            raise pytest.UsageError(f"--quantgate-gpu-budget: {exc}") from None
+    config.stash[_BUDGET] = state
+    if config.pluginmanager.hasplugin("benchmark"):
+        config.pluginmanager.register(_BenchmarkHooks(), "quantgate-budget-benchmark-hooks")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    state = session.config.stash[_BUDGET]
+    if state.budget is None:
+        return
+    run = session.config.pluginmanager.get_plugin("quantgate-run")
+    if run is not None:  # gates may select on the budget
+        run.session_attrs["budget"] = state.label
+    if not cuda_available():
+        state.not_enforced = f"no allocator cap: {no_cuda_reason()}"
+        return
+    try:
+        state.cap = plan_cap(state.budget, snapshot())
+    except BudgetTooSmall as exc:
+        raise pytest.UsageError(f"--quantgate-gpu-budget: {exc}") from None
+    apply_cap(state.cap)
+
+
+def _case(item: pytest.Item) -> Case | None:
+    callspec = getattr(item, "callspec", None)
+    value = callspec.params.get("case") if callspec is not None else None
+    return value if isinstance(value, Case) and value.device == "cuda" else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    state, case = item.config.stash[_BUDGET], _case(item)
+    if case is not None:
+        state.start(case)
+    yield
+    if case is not None:
+        state.sample(case)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    yield
+    case = _case(item)
+    if case is not None:
+        item.config.stash[_BUDGET].sample(case)
+
+
+@pytest.fixture(scope="session")
+def gpu_budget(request: pytest.FixtureRequest) -> GpuBudget:
+    """The session's GPU budget (``--quantgate-gpu-budget``) and the peaks measured under it."""
+    return request.config.stash[_BUDGET]
+
+
+class _BenchmarkHooks:
+    @pytest.hookimpl(trylast=True)  # after quantgate.plugin wrote its "quantgate" section
+    def pytest_benchmark_update_json(self, config: pytest.Config, benchmarks: list, output_json: dict) -> None:
+        output_json.setdefault("quantgate", {})["gpu_budget"] = config.stash[_BUDGET].as_dict()

@@ -1,0 +1,147 @@
+"""GPU memory budgets without a GPU: parsing, the allocator cap on a simulated device, the check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantgate.budget import (
+    BudgetTooSmall,
+    DeviceMemory,
+    budget_label,
+    fraction_used,
+    parse_budget,
+    plan_cap,
+)
+from quantgate.gates import GateBook
+from tests.conftest import REPO
+
+GIB = 2**30
+H200 = 140 * GIB  # what torch.cuda.mem_get_info reports on an H200, about
+CONTEXT = GIB // 2  # a CUDA context and library handles, outside torch's allocator
+
+
+class SimulatedAllocator:
+    """torch's caching allocator under ``set_per_process_memory_fraction``: reserving past
+    ``fraction * total`` raises out-of-memory, as ``torch.cuda.OutOfMemoryError`` does."""
+
+    def __init__(self, total: int, fraction: float | None):
+        self.limit = total if fraction is None else int(fraction * total)
+        self.reserved = self.peak = 0
+
+    def reserve(self, size: int) -> None:
+        if self.reserved + size > self.limit:
+            raise MemoryError(f"out of memory: {self.reserved + size} > {self.limit} allowed")
+        self.reserved += size
+        self.peak = max(self.peak, self.reserved)
+
+    def free(self, size: int) -> None:
+        self.reserved -= size
+
+
+def test_budget_parsing_and_labels():
+    assert parse_budget("16GiB") == 16 * GIB
+    assert parse_budget("24GB") == 24 * 10**9
+    assert parse_budget("16000MiB") == 16000 * 2**20
+    for bad in ("sixteen", "16 GiB of RAM", "-16GiB", "0"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_budget(bad)
+    assert budget_label(16 * GIB) == "16GiB"
+    assert budget_label(16000 * 2**20) == "16000MiB"
+    assert budget_label(24 * 10**9) == "24000000000B"
+
+
+def test_cap_leaves_room_for_memory_outside_torch():
+    device = DeviceMemory(total=H200, free=H200 - CONTEXT, reserved=0)
+    cap = plan_cap(16 * GIB, device)
+    assert cap.outside_torch == CONTEXT
+    assert cap.fraction == pytest.approx((16 * GIB - CONTEXT) / H200)
+    # Memory torch already holds is torch's, not outside it.
+    busy = DeviceMemory(total=H200, free=H200 - CONTEXT - 3 * GIB, reserved=3 * GIB)
+    assert plan_cap(16 * GIB, busy).fraction == cap.fraction
+
+
+def test_no_cap_when_the_budget_is_the_whole_device_and_an_error_when_it_is_used_up():
+    device = DeviceMemory(total=16 * GIB, free=15 * GIB, reserved=0)
+    cap = plan_cap(24 * GIB, device)
+    assert cap.fraction is None and "nothing to cap" in cap.note
+    with pytest.raises(BudgetTooSmall, match="used up"):
+        plan_cap(GIB // 4, DeviceMemory(total=H200, free=H200 - CONTEXT, reserved=0))
+
+
+def test_the_cap_makes_a_case_that_needs_more_than_the_budget_run_out_of_memory():
+    cap = plan_cap(16 * GIB, DeviceMemory(total=H200, free=H200 - CONTEXT, reserved=0))
+    fits, too_big = SimulatedAllocator(H200, cap.fraction), SimulatedAllocator(H200, cap.fraction)
+    fits.reserve(12 * GIB)  # quantized weights
+    fits.reserve(3 * GIB)  # activations
+    assert fraction_used(fits.peak, cap.outside_torch, cap.budget) <= 1.0
+    too_big.reserve(12 * GIB)
+    with pytest.raises(MemoryError, match="out of memory"):
+        too_big.reserve(4 * GIB)
+    uncapped = SimulatedAllocator(H200, None)  # the same case on the big card, no budget
+    uncapped.reserve(16 * GIB)
+    assert fraction_used(uncapped.peak, CONTEXT, 16 * GIB) > 1.0
+
+
+def test_the_budget_gate_fails_a_case_that_exceeded_the_budget_with_measured_vs_required():
+    book = GateBook.load(REPO / "fixtures" / "gates.toml")
+    attrs = {"model": "flux-schnell", "source": "synthetic", "scheme": "svdquant-ref", "variant": "eager",
+             "batch": 1, "hardware": "hopper", "budget": "16GiB"}
+    gate = book.lookup("gpu_budget_fraction_used", attrs)
+    assert gate is not None and gate.max == 1.0
+    # Fitted under the cap, but memory outside torch grew past the budget's headroom.
+    verdict = gate.check(fraction_used(int(15.5 * GIB), GIB, 16 * GIB), subject="flux-schnell/svdquant-ref")
+    assert not verdict.passed
+    assert "measured 1.031, required <= 1" in verdict.message
+    assert book.lookup("gpu_budget_fraction_used", {**attrs, "budget": None}) is None  # no budget: no gate
+
+
+@pytest.fixture
+def args(tiny_cache):
+    return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}",
+            f"--quantgate-prompts={REPO / 'fixtures' / 'prompts' / 'gate.txt'}"]
+
+
+@pytest.mark.parametrize("option", ["--quantgate-gpu-budget=sixteen", "--quantgate-cache-max-size=-5GiB"])
+def test_nonsense_sizes_are_usage_errors(pytester, args, option):
+    pytester.makepyfile("def test_x(case):\n    assert case\n")
+    result = pytester.runpytest(*args, option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{option.split('=')[0]}: not a size*"])
+
+
+def test_the_budget_is_recorded_in_the_json_and_said_unenforced_off_cuda(pytester, args, monkeypatch):
+    import quantgate.budget_plugin as bp
+
+    monkeypatch.setattr(bp, "cuda_available", lambda: False)  # the same on a GPU machine: this is a CPU test
+    pytester.makepyfile("def test_x(case, gpu_budget, quantgate_run, benchmark):\n"
+                        "    assert quantgate_run.session_attrs == {'budget': '16GiB'}\n"
+                        "    assert gpu_budget.cap is None\n"
+                        "    benchmark(lambda: None)\n")
+    out = pytester.path / "out.json"
+    result = pytester.runpytest(*args, "-m", "cpu", "--quantgate-models=flux-schnell", "--quantgate-schemes=bf16",
+                                "--quantgate-gpu-budget=16GiB", f"--benchmark-json={out}")
+    result.assert_outcomes(passed=1)
+    budget = json.loads(out.read_text())["quantgate"]["gpu_budget"]
+    assert budget["budget"] == "16GiB" and budget["budget_bytes"] == 16 * GIB
+    assert budget["not_enforced"].startswith("no allocator cap:")
+
+
+def test_cache_max_size_evicts_least_recently_used_at_session_end(pytester, args, tmp_path):
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    for i, age in enumerate((3, 2, 1)):  # days
+        entry = cache / "quantized" / f"q{i}"
+        entry.mkdir(parents=True)
+        (entry / "w.bin").write_bytes(b"x" * 1000)
+        os.utime(entry, (time.time() - age * 86400,) * 2)
+    pytester.makepyfile("def test_x(case):\n    assert case\n")
+    result = pytester.runpytest(*args, f"--quantgate-cache-dir={cache}", "--quantgate-cache-max-size=1500",
+                                "-m", "cpu", "--quantgate-models=flux-schnell", "--quantgate-schemes=bf16")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*quantgate cache: evicted 2 entries*"])
+    assert sorted(p.name for p in (cache / "quantized").iterdir()) == ["q2"]
