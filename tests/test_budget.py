@@ -11,6 +11,7 @@ import pytest
 
 from quantgate.budget import fraction_used, snapshot
 from quantgate.measure.memory import synchronize
+from quantgate.variants import get_variant
 
 pytestmark = [pytest.mark.memory, pytest.mark.gpu_only]
 
@@ -28,4 +29,26 @@ def test_runs_within_gpu_budget(case, pipeline, prompts, gpu_budget, gates):
     peak = gpu_budget.sample(case)
     # Memory outside torch may have grown since the session started (kernels, library handles).
     outside = max(gpu_budget.cap.outside_torch, snapshot().outside_torch)
-    gates.require("gpu_budget_fraction_used", fraction_used(peak, outside, gpu_budget.budget))
+    fraction = fraction_used(peak, outside, gpu_budget.budget)
+    gpu_budget.record_fraction(case, fraction)
+    gates.require("gpu_budget_fraction_used", fraction)
+
+
+@pytest.mark.after_timings
+def test_end_to_end_speedup_vs_offloaded_bf16(runs_here, records, gpu_budget, gates):
+    """Without offload, the scheme is x times faster prompt to image than bf16 with the fastest offload
+    variant that fits the same budget (SVDQuant: 8.7x on a 16 GB laptop 4090)."""
+    case = runs_here
+    if gpu_budget.budget is None:
+        pytest.skip("no GPU budget: the offloaded bf16 baseline is defined under --quantgate-gpu-budget")
+    if case.scheme == "bf16" or get_variant(case.variant).loads_on_cpu:
+        pytest.skip(f"{case.id} is not a scheme without offload: it is compared with, not against, the baseline")
+    own = records.get(case, "end_to_end")
+    if own is None:
+        pytest.skip(f"{case.id} has no end-to-end timing in this session (tests/test_end_to_end.py deselected, "
+                    f"skipped or failed)")
+    variant, baseline, reason = gpu_budget.offload_baseline(case, records)
+    if baseline is None:
+        pytest.skip(reason)
+    gpu_budget.baselines[case.id] = variant
+    gates.require("end_to_end_speedup_vs_bf16_offload", baseline.median_s / own.median_s)

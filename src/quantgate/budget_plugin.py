@@ -28,6 +28,8 @@ from quantgate.budget import (
 )
 from quantgate.cases import Case
 from quantgate.hardware import cuda_available, no_cuda_reason
+from quantgate.records import Measurement, Records
+from quantgate.variants import VARIANTS
 
 
 @dataclass
@@ -38,6 +40,9 @@ class GpuBudget:
     cap: AllocatorCap | None = None
     not_enforced: str | None = None  # why no cap was set (no CUDA device...)
     peaks: dict[tuple, int] = field(default_factory=dict)
+    # (device, model, source, scheme, variant, batch) -> gpu_budget_fraction_used measured
+    fractions: dict[tuple, float] = field(default_factory=dict)
+    baselines: dict[str, str] = field(default_factory=dict)  # case id -> the offload variant it was compared with
     _current: tuple | None = None
 
     @property
@@ -63,10 +68,45 @@ class GpuBudget:
         torch.cuda.reset_peak_memory_stats()
         self._current = case.pipeline_key
 
+    def record_fraction(self, case: Case, fraction: float) -> None:
+        """Keep the measured fraction of the budget ``case`` used (what fits is reported per scheme)."""
+        self.fractions[_fit_key(case)] = fraction
+
+    def fits(self) -> dict[str, dict[str, float]]:
+        """Per model/source/scheme/batch: each variant measured and the fraction of the budget it used."""
+        out: dict[str, dict[str, float]] = {}
+        for (_, model, source, scheme, variant, batch), fraction in sorted(self.fractions.items()):
+            out.setdefault(f"{model}/{source}/{scheme}/b{batch}", {})[variant] = round(fraction, 4)
+        return out
+
+    def offload_baseline(self, case: Case, records: Records) -> tuple[str | None, Measurement | None, str]:
+        """The fastest bf16 offload variant that fit the budget, its end-to-end timing, or why none."""
+        fitting = []
+        for variant in OFFLOAD_VARIANTS:
+            fraction = self.fractions.get(_fit_key(case, "bf16", variant))
+            timing = records.get(case, "end_to_end", "bf16", variant)
+            if fraction is not None and fraction <= 1.0 and timing is not None:
+                fitting.append((timing.median_s, variant, timing))
+        if not fitting:
+            return None, None, (f"no bf16 offload variant ({', '.join(OFFLOAD_VARIANTS)}) of {case.model} at batch "
+                                f"{case.batch} both fit {self.label} and was timed end to end in this session: "
+                                f"include bf16 in --quantgate-schemes and the offload variants in "
+                                f"--quantgate-variants")
+        _, variant, timing = min(fitting, key=lambda t: t[0])
+        return variant, timing, ""
+
     def as_dict(self) -> dict[str, Any]:
         return {"budget": self.label, "budget_bytes": self.budget, "not_enforced": self.not_enforced,
                 "cap": self.cap.as_dict() if self.cap is not None else None,
-                "peak_reserved_bytes": {"/".join(k): v for k, v in self.peaks.items()}}
+                "peak_reserved_bytes": {"/".join(k): v for k, v in self.peaks.items()},
+                "fits": self.fits(), "offload_baseline_of": dict(self.baselines)}
+
+
+OFFLOAD_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.loads_on_cpu)
+
+
+def _fit_key(case: Case, scheme: str | None = None, variant: str | None = None) -> tuple:
+    return (case.device, case.model, case.source, scheme or case.scheme, variant or case.variant, case.batch)
 
 
 _BUDGET = pytest.StashKey[GpuBudget]()
@@ -138,6 +178,18 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 def gpu_budget(request: pytest.FixtureRequest) -> GpuBudget:
     """The session's GPU budget (``--quantgate-gpu-budget``) and the peaks measured under it."""
     return request.config.stash[_BUDGET]
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(_BUDGET, None)
+    if state is None or not state.fractions:
+        return
+    terminalreporter.section(f"quantgate GPU budget {state.label}")
+    for name, variants in state.fits().items():
+        fit = [v for v, f in variants.items() if f <= 1.0]
+        detail = ", ".join(f"{v} {f:.2f}" for v, f in variants.items())
+        terminalreporter.write_line(f"{name}: {'fits with ' + ', '.join(fit) if fit else 'does not fit'} "
+                                    f"(fraction of the budget used: {detail})")
 
 
 class _BenchmarkHooks:

@@ -145,3 +145,34 @@ def test_cache_max_size_evicts_least_recently_used_at_session_end(pytester, args
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*quantgate cache: evicted 2 entries*"])
     assert sorted(p.name for p in (cache / "quantized").iterdir()) == ["q2"]
+
+
+def _case(scheme: str, variant: str):
+    from quantgate.cases import Selection, make_case
+    from quantgate.models import get_model
+
+    spec = get_model("flux-schnell")
+    return make_case(spec, "synthetic", scheme, variant, 1, "cuda", Selection(models=[spec.name], schemes=[scheme]))
+
+
+def test_the_offload_baseline_is_the_fastest_bf16_offload_variant_that_fits():
+    from quantgate.budget_plugin import GpuBudget
+    from quantgate.records import Measurement, Records
+
+    state, records = GpuBudget(budget=16 * GIB), Records()
+    svdq = _case("svdquant-ref", "eager")
+    assert state.offload_baseline(svdq, records)[0] is None
+    assert "no bf16 offload variant" in state.offload_baseline(svdq, records)[2]
+    # Group offload is fastest but does not fit; of the two that fit, model offload is faster.
+    for variant, median, fraction in (("group-offload", 20.0, 1.02), ("model-offload", 30.0, 0.97),
+                                      ("sequential-offload", 90.0, 0.40)):
+        case = _case("bf16", variant)
+        records.add(Measurement(case, "end_to_end", median, {}, None))
+        state.record_fraction(case, fraction)
+    variant, timing, _ = state.offload_baseline(svdq, records)
+    assert (variant, timing.median_s) == ("model-offload", 30.0)
+    state.record_fraction(svdq, 0.71)
+    assert state.fits() == {
+        "flux-schnell/synthetic/bf16/b1": {"group-offload": 1.02, "model-offload": 0.97, "sequential-offload": 0.4},
+        "flux-schnell/synthetic/svdquant-ref/b1": {"eager": 0.71},
+    }
