@@ -201,18 +201,22 @@ class Outcome:
 
 
 def clear(root: str | os.PathLike[str], what: Iterable[str] | None = None, older_than: float | None = None,
-          now: float | None = None) -> Outcome:
-    """Remove entries of the kinds ``what`` (default: all) unused for more than ``older_than`` seconds."""
+          now: float | None = None, dry_run: bool = False) -> Outcome:
+    """Remove entries of the kinds ``what`` (default: all) unused for more than ``older_than`` seconds.
+
+    ``dry_run``: say what would be removed (locks are not checked), remove nothing.
+    """
     now = time.time() if now is None else now
     out = Outcome([], [])
     for entry in entries(root, what):
         if older_than is not None and entry.kind != "trash" and now - entry.last_used <= older_than:
             continue
-        (out.removed if remove(entry) else out.locked).append(entry)
+        (out.removed if dry_run or remove(entry) else out.locked).append(entry)
     return out
 
 
-def evict(root: str | os.PathLike[str], max_size: int, what: Iterable[str] | None = None) -> Outcome:
+def evict(root: str | os.PathLike[str], max_size: int, what: Iterable[str] | None = None,
+          dry_run: bool = False) -> Outcome:
     """Remove least recently used entries until the cache holds at most ``max_size`` bytes.
 
     Trash goes first; locked entries are skipped (they still count toward the total).
@@ -223,7 +227,7 @@ def evict(root: str | os.PathLike[str], max_size: int, what: Iterable[str] | Non
     for entry in sorted(found, key=lambda e: (e.kind != "trash", e.last_used)):
         if total <= max_size:
             break
-        if remove(entry):
+        if dry_run or remove(entry):
             out.removed.append(entry)
             total -= entry.size
         else:

@@ -53,7 +53,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _clear(args: argparse.Namespace) -> int:
-    from quantgate.cache import Outcome, clear, entries, evict
+    from quantgate.cache import clear, evict
     from quantgate.errors import QuantgateError
     from quantgate.units import format_size, parse_duration, parse_size
 
@@ -64,17 +64,15 @@ def _clear(args: argparse.Namespace) -> int:
         max_size = parse_size(args.max_size) if args.max_size else None
     except ValueError as exc:
         raise QuantgateError(str(exc)) from exc
-    if args.dry_run:
-        now = time.time()
-        chosen = [e for e in entries(root, what) if older is None or now - e.last_used > older]
-        for e in chosen:
-            print(f"would remove {e.name} ({format_size(e.size)})")
-        print(f"would free {format_size(sum(e.size for e in chosen))}"
-              + (" (before --max-size eviction, which --dry-run does not simulate)" if max_size else ""))
-        return 0
-    out = clear(root, what, older) if max_size is None else Outcome([], [])
     if max_size is not None:
-        out = evict(root, max_size, what)
+        out = evict(root, max_size, what, dry_run=args.dry_run)
+    else:
+        out = clear(root, what, older, dry_run=args.dry_run)
+    if args.dry_run:
+        for e in out.removed:
+            print(f"would remove {e.name} ({format_size(e.size)})")
+        print(f"would free {format_size(out.freed)} under {root}")
+        return 0
     for e in out.removed:
         print(f"removed {e.name} ({format_size(e.size)})")
     for e in out.locked:

@@ -8,6 +8,7 @@ fraction of the compile time. Compiled artifacts persist in inductor's cache (qu
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from quantgate import offload
+from quantgate.cache import mark_used
 from quantgate.errors import UnknownNameError
 
 COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": False, "dynamic": False, "mode": None}
@@ -55,6 +57,8 @@ def compile_repeated_blocks(denoiser: torch.nn.Module) -> dict[str, Any]:
     if not blocks:
         raise ValueError(f"{type(denoiser).__name__} has no repeated blocks to compile")
     options = {k: v for k, v in COMPILE_OPTIONS.items() if v is not None}
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # reused now: last in line for `quantgate cache` eviction
+        mark_used(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     for block in blocks:
         block.compile(**options)
     return {"compiled_blocks": dict(Counter(type(b).__name__ for b in blocks)), "compile_options": options}

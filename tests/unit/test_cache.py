@@ -172,3 +172,27 @@ def test_cli_list_and_clear(root: Path, capsys) -> None:
     assert main(["cache", "clear", "--cache-dir", str(root), "--dry-run"]) == 0
     assert "would remove quantized/q1" in capsys.readouterr().out
     assert (root / "quantized/q1").is_dir()
+    # Eviction dry run: the oldest go first until the rest fits (q1, 2,000 bytes, is the newest).
+    assert main(["cache", "clear", "--cache-dir", str(root), "--max-size", "2000", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove quantized/q1" not in out and "would remove inductor" in out
+    assert (root / "inductor").is_dir()
+
+
+def test_reusing_an_entry_marks_it_used(tiny_cache: Path, tiny_flux_dir: Path) -> None:
+    from quantgate.models import get_model
+    from quantgate.models.synthetic import materialize
+
+    old = time.time() - 30 * DAY
+    component = (tiny_flux_dir / "transformer").resolve()
+    for path in (tiny_flux_dir, component):
+        os.utime(path, (old, old), follow_symlinks=False)
+    assert materialize(get_model("flux-schnell"), "tiny", tiny_cache, progress=False) == tiny_flux_dir
+    assert tiny_flux_dir.lstat().st_mtime > old + DAY and component.stat().st_mtime > old + DAY
+
+    stats = StatsCache(tiny_cache / "calibration-test")
+    stats.save("k", {"layer": {"absmax": torch.ones(2)}}, {})
+    for path in (tiny_cache / "calibration-test").iterdir():
+        os.utime(path, (old, old))
+    assert stats.load("k") is not None
+    assert all(p.stat().st_mtime > old + DAY for p in (tiny_cache / "calibration-test").iterdir())
