@@ -6,7 +6,11 @@
   (``quantgate.gpu_budget``).
 - ``gpu_budget`` fixture: the session's budget and each pipeline's peak reserved bytes,
   sampled after the setup and the call of every test that uses the pipeline (peaks are
-  reset when a new pipeline starts, so its loading counts).
+  reset when a new pipeline starts, so its loading counts). A scheme whose quantization is an
+  offline step (``Scheme.offline_quantization``: svdquant-ref calibrates and quantizes a bf16
+  model, which a user does once on a bigger GPU and ships) loads uncapped; its peak is
+  recorded apart (``offline_quantization_peak_reserved_bytes``) and the budget applies from
+  the quantized pipeline on.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from quantgate.budget import (
 from quantgate.cases import Case
 from quantgate.hardware import cuda_available, no_cuda_reason
 from quantgate.records import Measurement, Records
+from quantgate.schemes import Scheme, get_scheme
 from quantgate.variants import VARIANTS
 
 
@@ -43,6 +48,8 @@ class GpuBudget:
     # (device, model, source, scheme, variant, batch) -> gpu_budget_fraction_used measured
     fractions: dict[tuple, float] = field(default_factory=dict)
     baselines: dict[str, str] = field(default_factory=dict)  # case id -> the offload variant it was compared with
+    # pipeline key -> peak reserved bytes of its offline quantization (uncapped; see Scheme.offline_quantization)
+    offline_peaks: dict[tuple, int] = field(default_factory=dict)
     _current: tuple | None = None
 
     @property
@@ -67,6 +74,25 @@ class GpuBudget:
 
         torch.cuda.reset_peak_memory_stats()
         self._current = case.pipeline_key
+
+    def lift(self) -> None:
+        """Let an offline quantization step use the whole device (it is not what the small card runs)."""
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+    def restore(self, case: Case) -> None:
+        """After the offline step: record its peak, free cached blocks, measure from here, cap again."""
+        import torch
+
+        from quantgate.measure.memory import release_memory
+
+        self.offline_peaks[case.pipeline_key] = int(torch.cuda.max_memory_reserved())
+        release_memory("cuda")
+        torch.cuda.reset_peak_memory_stats()
+        self._current = case.pipeline_key
+        self.peaks[case.pipeline_key] = int(torch.cuda.memory_reserved())
+        apply_cap(self.cap)
 
     def record_fraction(self, case: Case, fraction: float) -> None:
         """Keep the measured fraction of the budget ``case`` used (what fits is reported per scheme)."""
@@ -99,10 +125,16 @@ class GpuBudget:
         return {"budget": self.label, "budget_bytes": self.budget, "not_enforced": self.not_enforced,
                 "cap": self.cap.as_dict() if self.cap is not None else None,
                 "peak_reserved_bytes": {"/".join(k): v for k, v in self.peaks.items()},
-                "fits": self.fits(), "offload_baseline_of": dict(self.baselines)}
+                "fits": self.fits(), "offload_baseline_of": dict(self.baselines),
+                "offline_quantization_peak_reserved_bytes": {"/".join(k): v for k, v in self.offline_peaks.items()}}
 
 
 OFFLOAD_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.loads_on_cpu)
+
+
+def offline_window(cap: AllocatorCap | None, scheme: Scheme, loaded_key: tuple | None, case: Case) -> bool:
+    """Whether setting up ``case`` loads a pipeline whose quantization is an offline step (run uncapped)."""
+    return cap is not None and scheme.offline_quantization is not None and loaded_key != case.pipeline_key
 
 
 def _fit_key(case: Case, scheme: str | None = None, variant: str | None = None) -> tuple:
@@ -159,9 +191,17 @@ def _case(item: pytest.Item) -> Case | None:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     state, case = item.config.stash[_BUDGET], _case(item)
+    offline = False
     if case is not None:
         state.start(case)
+        run = item.config.pluginmanager.get_plugin("quantgate-run")
+        current = run.pipelines.current if run is not None else None
+        offline = offline_window(state.cap, get_scheme(case.scheme), current and current.case_key, case)
+        if offline:
+            state.lift()
     yield
+    if offline:
+        state.restore(case)
     if case is not None:
         state.sample(case)
 

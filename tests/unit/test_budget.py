@@ -176,3 +176,18 @@ def test_the_offload_baseline_is_the_fastest_bf16_offload_variant_that_fits():
         "flux-schnell/synthetic/bf16/b1": {"group-offload": 1.02, "model-offload": 0.97, "sequential-offload": 0.4},
         "flux-schnell/synthetic/svdquant-ref/b1": {"eager": 0.71},
     }
+
+
+def test_only_a_new_pipeline_of_an_offline_quantized_scheme_loads_uncapped():
+    from quantgate.budget_plugin import offline_window
+    from quantgate.schemes import get_scheme
+
+    cap = plan_cap(16 * GIB, DeviceMemory(total=H200, free=H200 - CONTEXT, reserved=0))
+    svdq, nf4 = _case("svdquant-ref", "eager"), _case("bnb-nf4", "model-offload")
+    assert offline_window(cap, get_scheme("svdquant-ref"), None, svdq)
+    assert not offline_window(cap, get_scheme("svdquant-ref"), svdq.pipeline_key, svdq)  # already loaded
+    assert not offline_window(None, get_scheme("svdquant-ref"), None, svdq)  # no cap in this session
+    # Quantizing while loading (bnb, torchao) is what the small card does: capped. So is
+    # loading nunchaku's shipped 4-bit checkpoint, first-block cache or not.
+    for scheme in ("bf16", "bnb-nf4", "fp8-row", "svdq-int4-fbcache"):
+        assert not offline_window(cap, get_scheme(scheme), None, nf4), scheme

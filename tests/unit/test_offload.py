@@ -73,6 +73,15 @@ def test_a_variant_that_loads_on_the_cpu_gets_no_device_map_and_prepares_the_pip
                           SourceContext(cache_dir=tiny_cache))
     assert eager.pipe.hf_device_map == "cpu"  # everything else still loads with device_map=case.device
 
+    # A scheme that quantizes after loading (offline) loads on the device; offload comes after it.
+    from dataclasses import replace
+
+    from quantgate.schemes import SCHEMES
+
+    monkeypatch.setitem(SCHEMES, "bf16", replace(SCHEMES["bf16"], offline_quantization="test"))
+    load_pipeline(case, SourceContext(cache_dir=tiny_cache))
+    assert seen["device_map"] == "cpu"
+
 
 def test_offload_variants_skip_on_the_cpu_tier_with_the_reason(pytester, tiny_cache):
     pytester.makepyfile("def test_e2e(case, pipeline):\n    assert pipeline\n")
