@@ -191,3 +191,35 @@ def test_only_a_new_pipeline_of_an_offline_quantized_scheme_loads_uncapped():
     # loading nunchaku's shipped 4-bit checkpoint, first-block cache or not.
     for scheme in ("bf16", "bnb-nf4", "fp8-row", "svdq-int4-fbcache"):
         assert not offline_window(cap, get_scheme(scheme), None, nf4), scheme
+
+
+def test_the_report_shows_what_fit_the_budget_with_peak_latency_and_speedup(tmp_path):
+    from quantgate.report.budget import budget_section
+    from quantgate.report.document import Table
+    from quantgate.report.runs import load_runs
+
+    data = json.loads((REPO / "tests" / "fixtures" / "history" / "h200-eager-run-a.json").read_text())
+    e2e = [b for b in data["benchmarks"] if b["extra_info"].get("scope") == "end_to_end"]
+    assert e2e, "the recorded run has end-to-end timings"
+    case = e2e[0]["extra_info"]["id"]
+    verdict = {"case": case, "budget": "16GiB", "min": None, "gate": "gates.toml:1", "why": "fits"}
+    data["quantgate"]["verdicts"] = [
+        {**verdict, "metric": "gpu_budget_fraction_used", "value": 0.91, "max": 1.0, "passed": True},
+        {**verdict, "case": "other-case", "metric": "gpu_budget_fraction_used", "value": 1.2, "max": 1.0,
+         "passed": False},
+        {**verdict, "metric": "end_to_end_speedup_vs_bf16_offload", "value": 3.5, "max": None, "passed": None},
+    ]
+    data["quantgate"]["gpu_budget"] = {"budget": "16GiB", "offload_baseline_of": {case: "group-offload"},
+                                       "cap": {"allocator_fraction": 0.11, "device_total_bytes": 140 * GIB,
+                                               "outside_torch_bytes": CONTEXT}}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    runs = load_runs([path])
+    assert budget_section(load_runs([REPO / "tests" / "fixtures" / "history" / "h200-eager-run-a.json"])) is None
+    section = budget_section(runs)
+    table = next(b for b in section.blocks if isinstance(b, Table))
+    rows = {row[0]: row for row in table.rows}
+    median = next(r.median for r in runs.results if r.case_id == case and r.scope == "end_to_end")
+    assert rows[case][2:4] == ["0.910", "fits"] and rows[case][5] == f"{median:.3f}"
+    assert rows[case][6] == "3.50x vs bf16 group-offload"
+    assert rows["other-case"][3] == "does not fit" and table.row_classes == ["pass", "fail"]
