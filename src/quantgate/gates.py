@@ -1,7 +1,7 @@
 """Gates: every threshold the suite enforces, read from ``fixtures/gates.toml``.
 
 A gate is a ``[[gate]]`` table: the ``metric`` it bounds, optional selectors (``model``,
-``source``, ``scheme``, ``variant``, ``batch``, ``hardware``; each a value or a list of
+``source``, ``scheme``, ``variant``, ``batch``, ``hardware``, ``budget``; each a value or a list of
 values), ``min`` and/or ``max``, and ``why``: where the number comes from. A case uses the
 most specific gate whose selectors all match it (per-hardware overrides are simply more
 specific gates); two matching gates of equal specificity are an error, never a coin flip.
