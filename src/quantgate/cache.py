@@ -11,6 +11,7 @@ Every cache lives under one root (``default_cache_dir()``: ``$QUANTGATE_CACHE_DI
     lora/<model>-<digest>/ (+ .lock)          a synthetic LoRA
     inductor/                                 torch.compile's cache (TORCHINDUCTOR_CACHE_DIR), one entry
     **/.trash-*                               an entry being deleted (renamed away first); always removable
+    **/.tmp-*, **/.*.tmp (a day old)          a build that was killed; removable like trash
 
 An entry is one content-addressed directory or file group. Its last use is the newest mtime of
 its top-level paths: code that reuses an entry calls :func:`mark_used`, which sets that mtime
@@ -124,10 +125,18 @@ def _inductor(root: Path) -> list[Entry]:
     return [_entry("inductor", "inductor", [path])] if path.is_dir() else []
 
 
+# A build (atomic_directory's ``.tmp-*``, atomic writes' ``.*.tmp``) untouched for this long was
+# interrupted (killed): live builds write into theirs continuously.
+STALE_BUILD_S = 86400.0
+
+
 def _trash(root: Path) -> list[Entry]:
     found = []
+    now = time.time()
     for directory in [root, *(p for p in root.glob("*") if p.is_dir()), *(p for p in root.glob("*/*") if p.is_dir())]:
-        found += [p for p in directory.glob(".trash-*")]
+        found += list(directory.glob(".trash-*"))
+        found += [p for pattern in (".tmp-*", ".*.tmp") for p in directory.glob(pattern)
+                  if now - p.lstat().st_mtime > STALE_BUILD_S]
     return [_entry("trash", str(p.relative_to(root)), [p]) for p in sorted(set(found))]
 
 

@@ -128,10 +128,17 @@ def test_an_interrupted_delete_never_leaves_a_valid_looking_entry(root: Path, mo
     assert stats.load("k2") is not None
     (root / "calibration/k2.safetensors").unlink()  # what remove() does first
     assert stats.load("k2") is None
+    # A killed build's temporary directory is trash once a day old; a fresh one may be live.
+    _dir(root / "quantized/.tmp-q9-abc", 10, age_days=2)
+    _dir(root / "quantized/.tmp-q8-abc", 10, age_days=0.1)
+    _file(root / "calibration/.k3.safetensors.123.tmp", 10, age_days=2)
+    assert _names(cache.entries(root, ["trash"]))[:2] == ["calibration/.k3.safetensors.123.tmp", "quantized/.tmp-q9-abc"]
+    assert len(cache.entries(root, ["trash"])) == 3  # + the interrupted delete above
     # Trash is always cleared, whatever its age.
     out = cache.clear(root, older_than=365 * DAY, now=NOW)
-    assert [e.kind for e in out.removed] == ["trash"]
+    assert [e.kind for e in out.removed] == ["trash"] * 3
     assert cache.entries(root, ["trash"]) == []
+    assert (root / "quantized/.tmp-q8-abc").is_dir()
 
 
 def test_units() -> None:
