@@ -132,7 +132,8 @@ def test_an_interrupted_delete_never_leaves_a_valid_looking_entry(root: Path, mo
     _dir(root / "quantized/.tmp-q9-abc", 10, age_days=2)
     _dir(root / "quantized/.tmp-q8-abc", 10, age_days=0.1)
     _file(root / "calibration/.k3.safetensors.123.tmp", 10, age_days=2)
-    assert _names(cache.entries(root, ["trash"]))[:2] == ["calibration/.k3.safetensors.123.tmp", "quantized/.tmp-q9-abc"]
+    assert _names(cache.entries(root, ["trash"]))[:2] == ["calibration/.k3.safetensors.123.tmp",
+                                                          "quantized/.tmp-q9-abc"]
     assert len(cache.entries(root, ["trash"])) == 3  # + the interrupted delete above
     # Trash is always cleared, whatever its age.
     out = cache.clear(root, older_than=365 * DAY, now=NOW)
