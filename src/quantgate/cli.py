@@ -13,6 +13,7 @@
                                           the GPTQ W4A8 plan, step by step (--help on each)
     quantgate eval MODEL --captions F --reference-dir D --out O
                                           generate for a caption set, FID and CLIP score (resumable)
+    quantgate cache list|clear            what the suite keeps on disk; clear by kind, age or size (LRU)
 """
 
 from __future__ import annotations
@@ -267,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     from quantgate.cli_eval import add_eval_parser
 
     add_eval_parser(sub)
+
+    # -- disk caches: list, clear, LRU eviction --
+    from quantgate.cli_cache import add_cache_parser
+
+    add_cache_parser(sub)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Gates: every threshold the suite enforces, read from ``fixtures/gates.toml``.
 
 A gate is a ``[[gate]]`` table: the ``metric`` it bounds, optional selectors (``model``,
-``source``, ``scheme``, ``variant``, ``batch``, ``hardware``; each a value or a list of
+``source``, ``scheme``, ``variant``, ``batch``, ``hardware``, ``budget``; each a value or a list of
 values), ``min`` and/or ``max``, and ``why``: where the number comes from. A case uses the
 most specific gate whose selectors all match it (per-hardware overrides are simply more
 specific gates); two matching gates of equal specificity are an error, never a coin flip.
@@ -101,10 +101,17 @@ METRICS: dict[str, Metric] = {
     "lora_forward_overhead": Metric(
         "x", "median transformer forward with the LoRA loaded (unfused) over the median without, same case",
         better="lower"),
+    # -- GPU memory budgets (--quantgate-gpu-budget; tests/test_budget.py) ----------------------------
+    "gpu_budget_fraction_used": Metric(
+        "fraction", "(peak bytes reserved by torch over the case, loading included, + bytes held outside torch) "
+                    "/ the --quantgate-gpu-budget; above 1 the case does not fit the smaller card", better="lower"),
+    "end_to_end_speedup_vs_bf16_offload": Metric(
+        "x", "median prompt-to-image call of bf16 with the fastest CPU-offload variant that fits the budget "
+             "over this case's median, same batch"),
 }
 
 SELECTORS: dict[str, type] = {"model": str, "source": str, "scheme": str, "variant": str, "batch": int,
-                              "hardware": str}
+                              "hardware": str, "budget": str}  # budget: --quantgate-gpu-budget as "16GiB"
 _GATE_KEYS = {"metric", "min", "max", "why", *SELECTORS}
 
 

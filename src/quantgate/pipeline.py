@@ -132,6 +132,12 @@ def weights_identity(spec: ModelSpec, source: ResolvedSource) -> dict[str, Any]:
     return {"model": spec.name, "source": source.kind, "path": str(source.path), "detail": source.detail}
 
 
+def _loads_on_cpu(variant: Any, scheme: Any) -> bool:
+    # An offload variant places modules itself, so the pipeline loads on the CPU, unless the
+    # scheme quantizes after loading (offline): that runs on the device, offload comes after.
+    return variant.loads_on_cpu and scheme.offline_quantization is None
+
+
 def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettings | None = None) -> LoadedPipeline:
     """Resolve the case's source, load it with its scheme on its device, apply its variant.
 
@@ -142,7 +148,8 @@ def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettin
     scheme = get_scheme(case.scheme)
     variant = get_variant(case.variant)
     source = get_source(case.source).resolve(spec, ctx, case.device)
-    kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True, "device_map": case.device}
+    kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True,
+                              "device_map": None if _loads_on_cpu(variant, scheme) else case.device}
     if calibration is not None:
         calibration = calibration.for_device(case.device, case.call_kwargs())
     identity = weights_identity(spec, source)
@@ -165,6 +172,8 @@ def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettin
         synchronize(case.device)
         notes["post_load_seconds"] = round(time.perf_counter() - start, 3)
     notes.update(variant.apply(getattr(pipe, spec.denoiser)))
+    if variant.prepare is not None:
+        notes.update(variant.prepare(pipe, case.device))
     footprints = {name: module_footprint(module) for name, module in pipe.components.items()
                   if isinstance(module, torch.nn.Module)}
     denoiser = spec.component(spec.denoiser)

@@ -48,7 +48,8 @@ T = TypeVar("T")
 
 # LoRA gates: the --quantgate-lora option and the lora fixtures live in their own plugin module.
 # Several GPUs and runners (xdist workers, shards): quantgate.distribute.
-pytest_plugins = ["quantgate.lora_plugin", "quantgate.distribute"]
+pytest_plugins = ["quantgate.lora_plugin", "quantgate.distribute", "quantgate.budget_plugin",
+                  "quantgate.cache_plugin"]
 
 BASE_MARKERS = {
     "gpu": "runs on a CUDA GPU (skips with the reason where there is none)",
@@ -239,6 +240,8 @@ class QuantgateRun:
     # Set by quantgate.distribute under -n / --quantgate-shard: why a comparison with another
     # case (speedup, session reference) may find nothing here, appended to such skip reasons.
     spread_note: str = ""
+    # Attributes of the whole session that gates select on besides the case's (budget: "16GiB").
+    session_attrs: dict[str, Any] = field(default_factory=dict)
     _devices: dict[str, DeviceInfo] = field(default_factory=dict)
     _peaks: dict[str, float | None] = field(default_factory=dict)
     _sources: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -344,7 +347,8 @@ class QuantgateRun:
         """Why ``case`` cannot run on this machine, or None."""
         if case.device == "cuda" and not cuda_available():
             return no_cuda_reason()
-        return get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device), case.model)
+        return (get_variant(case.variant).unmet(case.device)
+                or get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device), case.model))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Keep each test's outcome, skip reason and wall time (setup + call + teardown)."""
@@ -661,11 +665,14 @@ class CaseGates:
     def _record(self, hardware: str, metric: str, value: float, verdict: Verdict | None) -> None:
         outcome = verdict.as_dict() if verdict is not None else {
             "metric": metric, "value": value, "min": None, "max": None, "passed": None, "gate": None, "why": None}
-        record = {"nodeid": self.node.nodeid, "case": self.case.id, **self.case.gate_attrs(hardware),
+        record = {"nodeid": self.node.nodeid, "case": self.case.id, **self._attrs(hardware),
                   "device": self.case.device, **outcome,
                   "message": verdict.message if verdict is not None else f"{metric} = {value:.6g} (no gate)"}
         self.run.verdicts.append(record)
         self.node.user_properties.append(("quantgate_verdict", record))
+
+    def _attrs(self, hardware: str) -> dict[str, Any]:
+        return {**self.case.gate_attrs(hardware), **self.run.session_attrs}
 
     def require(self, metric: str, value: float) -> Verdict:
         """Check one measured value against its gate."""
@@ -676,7 +683,7 @@ class CaseGates:
         hardware = self.run.hardware(self.case)
         verdicts, ungated, failures = {}, [], []
         for metric, value in values.items():
-            gate = self.run.gates.lookup(metric, self.case.gate_attrs(hardware))
+            gate = self.run.gates.lookup(metric, self._attrs(hardware))
             if gate is None:
                 self._record(hardware, metric, float(value), None)
                 ungated.append(f"{metric} = {float(value):.6g}")

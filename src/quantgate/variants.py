@@ -8,13 +8,16 @@ fraction of the compile time. Compiled artifacts persist in inductor's cache (qu
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from quantgate import offload
+from quantgate.cache import mark_used
 from quantgate.errors import UnknownNameError
 
 COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": False, "dynamic": False, "mode": None}
@@ -28,6 +31,20 @@ class Variant:
     summary: str
     # Prepares the denoiser in place; returns facts to record (what was compiled...).
     apply: Callable[[torch.nn.Module], dict[str, Any]]
+    # Prepares the whole pipeline (pipe, device) after ``apply``; offload variants place modules.
+    prepare: Callable[[Any, str], dict[str, Any]] | None = None
+    # Load without ``device_map`` (components stay on the CPU unless their quantizer places
+    # them): the variant moves modules itself, and a model larger than a budget cannot load
+    # onto the GPU first.
+    loads_on_cpu: bool = False
+    devices: frozenset[str] = field(default_factory=lambda: frozenset({"cpu", "cuda"}))
+    why_devices: str = ""
+
+    def unmet(self, device: str) -> str | None:
+        """Why this variant cannot run on ``device``, or None."""
+        if device.split(":")[0] in self.devices:
+            return None
+        return f"variant {self.name} runs only on {', '.join(sorted(self.devices))}: {self.why_devices}"
 
 
 def compile_repeated_blocks(denoiser: torch.nn.Module) -> dict[str, Any]:
@@ -40,6 +57,8 @@ def compile_repeated_blocks(denoiser: torch.nn.Module) -> dict[str, Any]:
     if not blocks:
         raise ValueError(f"{type(denoiser).__name__} has no repeated blocks to compile")
     options = {k: v for k, v in COMPILE_OPTIONS.items() if v is not None}
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # reused now: last in line for `quantgate cache` eviction
+        mark_used(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     for block in blocks:
         block.compile(**options)
     return {"compiled_blocks": dict(Counter(type(b).__name__ for b in blocks)), "compile_options": options}
@@ -49,6 +68,24 @@ VARIANTS: dict[str, Variant] = {
     "eager": Variant("eager", "PyTorch eager mode, no compilation", lambda denoiser: {}),
     "compile": Variant("compile", "torch.compile (inductor) of each repeated transformer block", compile_repeated_blocks),
 }
+
+
+# -- CPU offload: baselines under a GPU budget (quantgate.offload) ---------------------------
+
+
+def _offload(name: str, summary: str, prepare: Callable[[Any, str], dict[str, Any]]) -> Variant:
+    return Variant(name, summary, lambda denoiser: {}, prepare=prepare, loads_on_cpu=True,
+                   devices=frozenset({"cuda"}), why_devices=offload.WHY_GPU_ONLY)
+
+
+VARIANTS.update({v.name: v for v in (
+    _offload("model-offload", "diffusers model CPU offload: one whole model on the GPU at a time",
+             offload.model_offload),
+    _offload("sequential-offload", "diffusers sequential CPU offload: one leaf module's weights on the GPU at a time",
+             offload.sequential_offload),
+    _offload("group-offload", "diffusers group offloading: one transformer block per group, streamed ahead of use",
+             offload.group_offload),
+)})
 
 
 def get_variant(name: str) -> Variant:

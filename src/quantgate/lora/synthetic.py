@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from quantgate.atomic import atomic_directory, atomic_write_json, file_lock
+from quantgate.cache import mark_used
 from quantgate.lora.files import LORA_WEIGHT_NAME, LoraFile
 from quantgate.models.registry import ModelSpec
 from quantgate.models.synthetic import safetensors_problem
@@ -119,9 +120,11 @@ def _cached(directory: Path) -> dict[str, Any] | None:
     if not (manifest.is_file() and weights.is_file()) or safetensors_problem(weights) is not None:
         return None
     try:
-        return json.loads(manifest.read_text())
+        found = json.loads(manifest.read_text())
     except ValueError:
         return None
+    mark_used(directory)
+    return found
 
 
 def _save(spec: ModelSpec, tensors: Mapping[str, torch.Tensor], out: Path) -> None:

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantgate.atomic import atomic_directory, atomic_write_json, file_lock
+from quantgate.cache import mark_used
 from quantgate.hardware import library_version
 from quantgate.models.registry import ComponentSpec, ModelSpec, Size
 from quantgate.models.tokenizers import generate_tokenizer
@@ -229,6 +230,7 @@ def ensure_component(components_dir: Path, recipe: ComponentRecipe, device: str)
     final = components_dir / recipe.dirname
     problem = component_problem(final, recipe) if final.exists() else "absent"
     if problem is None:
+        mark_used(final)
         return final
     if problem != "absent":
         log.warning("quantgate: rebuilding synthetic component: %s", problem)
@@ -263,6 +265,7 @@ def materialize(
     with file_lock(root / ".lock"):
         problem = pipeline_problem(final, spec, recipes) if final.exists() else "absent"
         if problem is None:
+            mark_used(final, *(root / "components" / r.dirname for r in recipes.values()))
             return final
         if problem != "absent":
             log.warning("quantgate: rebuilding synthetic pipeline: %s", problem)

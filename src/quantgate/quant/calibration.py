@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantgate.atomic import atomic_write_json
+from quantgate.cache import mark_used
 
 
 class Accumulator(Protocol):
@@ -193,6 +194,7 @@ class StatsCache:
             flat = load_file(tensors_path)
         except Exception:  # a truncated or foreign file is rebuilt, not trusted
             return None
+        mark_used(tensors_path, meta_path)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in flat.items():
             layer, _, stat = name.rpartition("::")

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantgate.atomic import atomic_directory
+from quantgate.cache import mark_used
 from quantgate.quant.calibration import CalibrationSettings, Hessian, collect_cached, select_linears
 from quantgate.quant.gptq import GPTQConfig, QuantizedWeight, gptq_quantize, rtn_quantize
 from quantgate.quant.int4 import GroupSpec
@@ -235,6 +236,7 @@ def quantize_denoiser(pipe: Any, denoiser_name: str, method: W4A8Method, *, iden
             facts["checkpoint_damaged"] = f"{type(exc).__name__}: {exc}"[:300]
         else:
             _synchronize(device)
+            mark_used(directory)
             facts.update(checkpoint="hit", checkpoint_path=str(directory),
                          checkpoint_load_seconds=round(time.perf_counter() - start, 3),
                          calibration=document.get("calibration"), quantize_seconds=document.get("quantize_seconds"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from quantgate.gates import METRICS, format_value
 from quantgate.report import plots
+from quantgate.report.budget import budget_section
 from quantgate.report.document import Bullets, Document, Figure, Image, Paragraph, Section, Table
 from quantgate.report.evaluation import evaluation_section
 from quantgate.report.plans import Plans, evaluate
@@ -193,6 +194,7 @@ def build_report(runs: RunSet, plans: Plans, title: str) -> Document:
         _batch_scaling(runs),
         _quality(runs),
         *[s for s in (evaluation_section(runs),) if s is not None],  # quantgate eval results, when present
+        *[s for s in (budget_section(runs),) if s is not None],  # runs under --quantgate-gpu-budget
         _gates(runs),
         _skips(runs),
     ])

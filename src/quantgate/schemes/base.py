@@ -135,6 +135,11 @@ class Scheme:
     # The scheme's own LoRA mechanism, for layers peft cannot wrap: (pipe, denoiser name) -> an
     # object with Adapters' operations (quantgate.lora.native.NativeLoras). None: diffusers/peft.
     lora_attach: Callable[[Any, str], Any] | None = None
+    # Why loading the bf16 model and quantizing it (post_load) is a step a user runs once,
+    # offline, on a bigger GPU, and ships the result. Under a GPU budget that step runs
+    # uncapped on the GPU (its peak recorded apart) and the budget applies from then on.
+    # None: loading is what the user does on the small card, and it is capped too.
+    offline_quantization: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """What a benchmark record says about this scheme."""

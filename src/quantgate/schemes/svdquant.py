@@ -96,6 +96,8 @@ SCHEMES = [
         post_load=make_post_load(DEFAULT),
         markers=("svdquant",),
         lora_attach=_native_loras,
+        offline_quantization="SVDQuant checkpoints are calibrated and quantized once and shipped 4-bit "
+                             "(nunchaku's FLUX.1 models); the 16 GB claim is about running them",
         details={"config": DEFAULT.describe(),
                  "reference": "arXiv 2411.05007; forward simulated in bf16, footprint real (packed INT4)"},
     ),

@@ -1,0 +1,94 @@
+"""Offload variants: registered, GPU-only with a reason, loaded on the CPU, diffusers' public calls."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from quantgate import offload, variants
+from quantgate.cases import Selection, make_case
+from quantgate.models import get_model
+from quantgate.models.sources import SourceContext
+from quantgate.pipeline import load_pipeline
+from quantgate.variants import Variant, get_variant
+from tests.conftest import REPO
+
+OFFLOADS = ("model-offload", "sequential-offload", "group-offload")
+
+
+@pytest.mark.parametrize("name", OFFLOADS)
+def test_offload_variants_run_only_on_cuda_and_say_why(name):
+    variant = get_variant(name)
+    assert variant.loads_on_cpu and variant.prepare is not None
+    assert variant.unmet("cuda") is None and variant.unmet("cuda:1") is None
+    assert variant.unmet("cpu") == (f"variant {name} runs only on cuda: diffusers' offload hooks move modules "
+                                    f"between the CPU and an accelerator")
+    assert get_variant("eager").unmet("cpu") is None and get_variant("compile").unmet("cuda") is None
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def test_each_variant_makes_the_diffusers_call_and_its_arguments_fit_diffusers_signature():
+    from diffusers import FluxPipeline
+
+    for prepare, method in ((offload.model_offload, "enable_model_cpu_offload"),
+                            (offload.sequential_offload, "enable_sequential_cpu_offload"),
+                            (offload.group_offload, "enable_group_offload")):
+        pipe = _Recorder()
+        facts = prepare(pipe, "cuda")
+        [(called, args, kwargs)] = pipe.calls
+        assert called == method and facts["offload_call"] == method
+        # The same arguments bind to the installed diffusers' method: an API change fails here.
+        inspect.signature(getattr(FluxPipeline, method)).bind(None, *args, **kwargs)
+    assert kwargs["onload_device"] == torch.device("cuda") and kwargs["offload_device"] == torch.device("cpu")
+
+
+def test_a_variant_that_loads_on_the_cpu_gets_no_device_map_and_prepares_the_pipeline(tiny_cache, monkeypatch):
+    seen = {}
+
+    def prepare(pipe, device):
+        seen["device"] = device
+        seen["devices"] = {p.device.type for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                           for p in m.parameters()}
+        seen["device_map"] = pipe.hf_device_map
+        return {"offload": "recorded"}
+
+    monkeypatch.setitem(variants.VARIANTS, "test-offload",
+                        Variant("test-offload", "records", lambda d: {}, prepare=prepare, loads_on_cpu=True))
+    spec = get_model("flux-schnell")
+    case = make_case(spec, "tiny", "bf16", "test-offload", 1, "cpu", Selection(models=[spec.name], schemes=["bf16"]))
+    loaded = load_pipeline(case, SourceContext(cache_dir=tiny_cache))
+    assert seen == {"device": "cpu", "devices": {"cpu"}, "device_map": None}
+    assert loaded.notes["offload"] == "recorded"
+    selection = Selection(models=[spec.name], schemes=["bf16"])
+    eager = load_pipeline(make_case(spec, "tiny", "bf16", "eager", 1, "cpu", selection),
+                          SourceContext(cache_dir=tiny_cache))
+    assert eager.pipe.hf_device_map == "cpu"  # everything else still loads with device_map=case.device
+
+    # A scheme that quantizes after loading (offline) loads on the device; offload comes after it.
+    from dataclasses import replace
+
+    from quantgate.schemes import SCHEMES
+
+    monkeypatch.setitem(SCHEMES, "bf16", replace(SCHEMES["bf16"], offline_quantization="test"))
+    load_pipeline(case, SourceContext(cache_dir=tiny_cache))
+    assert seen["device_map"] == "cpu"
+
+
+def test_offload_variants_skip_on_the_cpu_tier_with_the_reason(pytester, tiny_cache):
+    pytester.makepyfile("def test_e2e(case, pipeline):\n    assert pipeline\n")
+    result = pytester.runpytest("-p", "quantgate.plugin", "-p", "no:cacheprovider",
+                                f"--quantgate-cache-dir={tiny_cache}",
+                                f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}", "-m", "cpu", "-rs",
+                                "--quantgate-models=flux-schnell", "--quantgate-schemes=bf16",
+                                "--quantgate-variants=model-offload")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*variant model-offload runs only on cuda: diffusers' offload hooks*"])
