@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantgate.quality.perceptual import hub_checkpoint
+
 # torch-fidelity 0.4.0 (the newest, and the highest torchmetrics 1.9 accepts):
 # torch_fidelity/feature_extractor_inceptionv3.py, URL_INCEPTION_V3.
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -34,7 +36,7 @@ FID_PREPROCESSING = f"RGB, center crop to a square, bicubic resize to {FID_IMAGE
 
 def inception_checkpoint() -> Path:
     """Where torch-fidelity (through torch.hub) looks for its Inception weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return hub_checkpoint(INCEPTION_FILE)
 
 
 def fid_weights(configured: str | os.PathLike[str] | None = None) -> Path:

@@ -39,11 +39,16 @@ _CLIP_FILES: tuple[tuple[str, ...], ...] = (
     ("vocab.json",), ("merges.txt",), ("model.safetensors", "pytorch_model.bin"))
 
 
+def hub_checkpoint(file_name: str) -> Path:
+    """Where torch.hub's ``load_state_dict_from_url`` looks for ``file_name`` before downloading."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
 def lpips_checkpoint(net: str = "alex") -> Path:
     """Where torchvision looks for the LPIPS backbone's ImageNet weights."""
     if net not in LPIPS_BACKBONES:
         raise ValueError(f"unknown LPIPS backbone {net!r}; choose one of {', '.join(LPIPS_BACKBONES)}")
-    return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONES[net][1]
+    return hub_checkpoint(LPIPS_BACKBONES[net][1])
 
 
 def lpips_problem(net: str = "alex") -> str | None:

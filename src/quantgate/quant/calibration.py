@@ -170,7 +170,12 @@ def collect(pipe: Any, denoiser: torch.nn.Module, layers: Mapping[str, torch.nn.
 def calibration_key(identity: Mapping[str, Any], settings: CalibrationSettings, kind: str,
                     layers: Iterable[str]) -> str:
     """A content key for cached statistics: weights identity, settings, statistic, layer names."""
-    facts = {"identity": dict(identity), "settings": settings.key_facts(), "kind": kind, "layers": sorted(layers)}
+    return content_key({"identity": dict(identity), "settings": settings.key_facts(), "kind": kind,
+                        "layers": sorted(layers)})
+
+
+def content_key(facts: Mapping[str, Any]) -> str:
+    """A short stable key for cached data: the sha256 of ``facts`` as sorted JSON."""
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantgate.quant.calibration import ChannelAbsMax
 from quantgate.quant.int4 import GroupSpec, expand_groups, pack_int4, quantize_rtn, quantize_with, unpack_int4
 from quantgate.quant.nvfp4 import BLOCK as NVFP4_BLOCK
 from quantgate.quant.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4, quantize_nvfp4
@@ -376,7 +377,7 @@ class SmoothStats:
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu", capacity: int = 128,
                  per_call: int = 8, seed: int = 0):
-        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.channels = ChannelAbsMax(in_features, device)
         self.sample = torch.zeros(capacity, in_features, dtype=torch.bfloat16, device=device)
         self.capacity, self.per_call = capacity, per_call
         self.filled = self.seen = 0
@@ -384,7 +385,7 @@ class SmoothStats:
 
     def update(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1])
-        torch.maximum(self.absmax, rows.abs().amax(dim=0).float(), out=self.absmax)
+        self.channels.update(rows)
         if not self.capacity:
             return
         picks = torch.randperm(rows.shape[0], generator=self.generator)[: self.per_call].tolist()
@@ -402,6 +403,10 @@ class SmoothStats:
         if src:
             self.sample[torch.tensor(dst, device=self.sample.device)] = \
                 rows[torch.tensor(src, device=rows.device)].to(torch.bfloat16)
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return self.channels.absmax
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"absmax": self.absmax, "sample": self.sample[: self.filled]}

@@ -33,8 +33,6 @@ on the quantization result, so they could not be cached independently of it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -47,7 +45,7 @@ from tqdm.auto import tqdm
 
 from quantgate.atomic import atomic_directory
 from quantgate.cache import mark_used
-from quantgate.quant.calibration import CalibrationSettings, Hessian, collect_cached, select_linears
+from quantgate.quant.calibration import CalibrationSettings, Hessian, collect_cached, content_key, select_linears
 from quantgate.quant.gptq import GPTQConfig, QuantizedWeight, gptq_quantize, rtn_quantize
 from quantgate.quant.int4 import GroupSpec
 from quantgate.quant.w4a8 import FORMAT_VERSION, W4A8Linear, load_layers, read_config, save_layers, set_submodule
@@ -197,7 +195,7 @@ def quantized_key(identity: Mapping[str, Any], method: W4A8Method, settings: Cal
     facts = {"identity": dict(identity), "method": method.facts(), "format_version": FORMAT_VERSION,
              "calibration": settings.key_facts() if method.calibrates and settings is not None else None,
              "layers": sorted(layers)}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return content_key(facts)
 
 
 def _synchronize(device: torch.device) -> None:
