@@ -6,11 +6,8 @@
 set -uo pipefail
 out=${1:?usage: tools/reference-run.sh OUTDIR [pytest args...]}; shift
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qg-site .whl/*.whl \
-    || { echo "wheel install failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/qg-site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-fi
+. tools/staged-wheels.sh
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 { nvidia-smi || true; df -h /tmp . || true; python3 -c 'import json, quantgate.hardware as h; print(json.dumps(h.machine_facts(), indent=1))'; } > "$out/environment.txt" 2>&1
 QUANTGATE_COMMIT=${QUANTGATE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} python3 -m pytest -m gpu -p no:cacheprovider --rootdir "$PWD" --benchmark-json="$out/benchmark.json" "$@" 2>&1 | tee "$out/pytest.log"

@@ -203,6 +203,20 @@ SPREAD_NOTE = ("; spread over {where}, this process holds only its own pipeline 
                "model keeps a model's cases together, or give the quality tests a golden set")
 
 
+def disabled_only_by_xdist(config: pytest.Config) -> bool:
+    """Whether pytest-benchmark turned itself off for xdist alone, by its own rule.
+
+    Its rule (5.2 and 5.3 alike): xdist is active (``--dist`` other than ``no``, or this is a
+    worker) and the user asked for neither ``--benchmark-skip`` nor ``--benchmark-disable``
+    without ``--benchmark-enable``. 5.3 also records it as ``xdist_warning``; 5.2 does not, so
+    the rule is evaluated here rather than read from the session.
+    """
+    xdist_active = config.getoption("dist", "no") != "no" or bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    skipped = bool(config.getoption("benchmark_skip", False))
+    disabled = bool(config.getoption("benchmark_disable", False)) and not config.getoption("benchmark_enable", False)
+    return xdist_active and not skipped and not disabled
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Let pytest-benchmark time on workers (one GPU each), and write JSON only on the controller."""
@@ -214,10 +228,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if where:
         _run(session.config).spread_note = SPREAD_NOTE.format(where=" and ".join(where))
     bs = getattr(session.config, "_benchmarksession", None)
-    if bs is None or not getattr(bs, "xdist_warning", False):
+    if bs is None or not disabled_only_by_xdist(session.config):
         return  # not under xdist, or benchmarks were skipped/disabled on purpose
-    # pytest-benchmark's only reason for disabling itself here is xdist (``xdist_warning``).
-    bs.xdist_warning = False
+    if hasattr(bs, "xdist_warning"):  # pytest-benchmark >= 5.3 warns at the end unless cleared
+        bs.xdist_warning = False
     if _state(session.config).worker is not None:
         bs.disabled = False
         # The controller writes the merged run; workers must not race on the same files.
@@ -278,7 +292,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         # still needs its file, or `quantgate merge` would count it as missing.
         from quantgate.atomic import atomic_write_json
 
-        atomic_write_json(bs.json, benchmark_json(config, []))
+        atomic_write_json(benchmark_json_path(bs.json), benchmark_json(config, []))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -294,6 +308,15 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
         state.worker_errors.append(f"{node.gateway.id}: {error}")
 
 
+def benchmark_json_path(target: Any) -> str:
+    """The path behind ``--benchmark-json``: pytest-benchmark 5.3 keeps the path, 5.2 an open file.
+
+    5.2 opens (and empties) the file while parsing options (``argparse.FileType``); renaming a
+    complete file over that name is still atomic for readers, the stale handle is never written.
+    """
+    return getattr(target, "name", target)
+
+
 def _write_merged(config: pytest.Config, bs: Any, state: Distribution) -> None:
     from quantgate.atomic import atomic_write_json
     from quantgate.report.merge import merge_worker_runs
@@ -304,11 +327,11 @@ def _write_merged(config: pytest.Config, bs: Any, state: Distribution) -> None:
         state.messages.append((f"benchmark JSON not written: {exc}", True))
         return
     if bs.json:
-        atomic_write_json(bs.json, merged)
+        atomic_write_json(benchmark_json_path(bs.json), merged)
     name = bs.save or bs.autosave
     if name:
         bs.storage.save(merged, name)
-    where = ", ".join(str(p) for p in (bs.json, name and bs.storage.location) if p)
+    where = ", ".join(str(p) for p in (bs.json and benchmark_json_path(bs.json), name and bs.storage.location) if p)
     state.messages.append((f"{len(merged['benchmarks'])} benchmarks from {len(state.worker_parts)} xdist workers "
                            f"merged into {where}", False))
     state.messages += [(f"xdist worker {error} sent no results (missing from the JSON)", True)

@@ -334,3 +334,35 @@ def test_a_shard_whose_tests_all_skip_still_writes_its_json(pytester, args):
     assert q["shard"]["index"] == 1 and q["shard"]["count"] == 1 and q["shard"]["tests"] == 1
     (outcome,) = q["outcomes"].values()
     assert outcome["outcome"] == "skipped" and "bnb-nf4 runs only on a CUDA GPU" in outcome["reason"]
+
+
+class _Options:
+    def __init__(self, **values):
+        self.values = values
+
+    def getoption(self, name, default=None):
+        return self.values.get(name, default)
+
+
+@pytest.mark.parametrize(("options", "worker", "expected"), [
+    ({"dist": "loadgroup"}, "", True),  # controller under -n: pytest-benchmark disabled itself for xdist
+    ({"dist": "no"}, "gw1", True),  # a worker (5.2 has no xdist_warning to read: the rule decides)
+    ({"dist": "no"}, "", False),  # no xdist at all
+    ({"dist": "loadgroup", "benchmark_skip": True}, "", False),  # the user skipped benchmarks
+    ({"dist": "loadgroup", "benchmark_disable": True}, "gw0", False),  # the user disabled them
+    ({"dist": "loadgroup", "benchmark_disable": True, "benchmark_enable": True}, "gw0", True),
+])
+def test_xdist_disabling_is_recognised_by_pytest_benchmarks_own_rule(options, worker, expected, monkeypatch):
+    from quantgate.distribute import disabled_only_by_xdist
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    assert disabled_only_by_xdist(_Options(**options)) is expected
+
+
+def test_the_benchmark_json_target_is_a_path_under_both_pytest_benchmark_versions(tmp_path):
+    from quantgate.distribute import benchmark_json_path
+
+    target = tmp_path / "out.json"
+    assert benchmark_json_path(str(target)) == str(target)  # 5.3: the path as given
+    with open(target, "wb") as handle:  # 5.2: argparse.FileType("wb") hands over an open file
+        assert benchmark_json_path(handle) == str(target)

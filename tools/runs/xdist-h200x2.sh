@@ -13,10 +13,7 @@
 set -u
 out=${1:?usage: tools/runs/xdist-h200x2.sh OUTDIR [pytest args]}; shift
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qg-site .whl/*.whl
-  export PYTHONPATH=/tmp/qg-site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. tools/staged-wheels.sh
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python="${PYTHON:-python3}"
 "$python" -c 'import xdist, execnet' || { echo "pytest-xdist/execnet missing: stage their wheels in .whl" >&2; exit 1; }
