@@ -55,8 +55,8 @@ def make_atomic(bs: Any) -> bool:
     return True
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_configure(config: pytest.Config) -> None:
-    bs = getattr(config, "_benchmarksession", None)
+# pytest-benchmark builds its session in a trylast pytest_configure; it writes at session finish.
+def pytest_sessionstart(session: pytest.Session) -> None:
+    bs = getattr(session.config, "_benchmarksession", None)
     if bs is not None:
         make_atomic(bs)
