@@ -110,7 +110,8 @@ def load_golden(root: str | Path, model: str, source: str, settings: Mapping[str
                                 f"this run asks {prompt!r} seed {seed}: {_how_to_create(model, source)}")
         path = directory / image.file
         if not path.is_file():
-            raise GoldenInvalid(f"{path} is listed in {MANIFEST} but missing")
+            raise GoldenInvalid(f"{path} is listed in {MANIFEST} but missing: restore it from git or "
+                                f"{_how_to_create(model, source)}")
         if _sha256(path) != image.sha256:
             raise GoldenInvalid(f"{path} does not match the sha256 in {MANIFEST} (changed or truncated): "
                                 f"restore it from git or {_how_to_create(model, source)}")
