@@ -75,12 +75,13 @@ def _kill_inside_the_write(body: str, work: Path, sig: int, block_rmtree: bool =
 
 
 def _visible(root: Path) -> set[str]:
-    """Every path under ``root`` (relative) whose name is not a hidden temporary/trash name."""
+    """Every path under ``root`` (relative) whose name is not a hidden temporary/trash name,
+    nor an (empty) advisory lock file a writer takes before it builds an entry."""
     found = set()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in [*dirnames, *filenames]:
-            if not name.startswith("."):
+            if not name.startswith(".") and not name.endswith(".lock"):
                 found.add(str((Path(dirpath) / name).relative_to(root)))
     return found
 
@@ -293,4 +294,27 @@ quantize(work / "cache", 1)
     layers, config = load_layers(previous)
     assert set(layers) == {"transformer_blocks.0.ff"} and config["identity"] == {"weights": 0}
     assert namespace["quantize"](tmp_path / "cache", 0)["checkpoint"] == "hit"
+    assert _visible(tmp_path) == before
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_synthetic_diffusers_lora(tmp_path, tiny_flux_dir, sig):
+    from safetensors.torch import load_file
+
+    from quantgate.lora import SyntheticLoraRecipe, make_synthetic_lora
+    from quantgate.models import get_model
+
+    spec = get_model("flux-schnell")
+    previous = make_synthetic_lora(spec, tiny_flux_dir, tmp_path, SyntheticLoraRecipe(seed=0, rank=4))
+    tensors = load_file(previous.path)
+    before = _visible(tmp_path)
+    _kill_inside_the_write(f"""
+        from quantgate.lora import SyntheticLoraRecipe, make_synthetic_lora
+        from quantgate.models import get_model
+        make_synthetic_lora(get_model("flux-schnell"), {str(tiny_flux_dir)!r}, work,
+                            SyntheticLoraRecipe(seed=1, rank=4))
+    """, tmp_path, sig)
+    again = make_synthetic_lora(spec, tiny_flux_dir, tmp_path, SyntheticLoraRecipe(seed=0, rank=4))
+    assert again.path == previous.path and load_file(again.path).keys() == tensors.keys()
+    assert all(torch.equal(load_file(again.path)[k], tensors[k]) for k in tensors)
     assert _visible(tmp_path) == before
