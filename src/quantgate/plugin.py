@@ -38,9 +38,9 @@ from quantgate.models.registry import load_models
 from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
 from quantgate.pipeline import LoadedPipeline, PipelineCache
 from quantgate.prompts import PromptSet
-from quantgate.report.runs import SCHEMA_VERSION
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
+from quantgate.report.runs import SCHEMA_VERSION
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
 from quantgate.sharding import pipeline_group
 from quantgate.variants import VARIANTS, get_variant
@@ -51,7 +51,7 @@ T = TypeVar("T")
 # Several GPUs and runners (xdist workers, shards): quantgate.distribute.
 pytest_plugins = ["quantgate.lora_plugin", "quantgate.distribute", "quantgate.budget_plugin",
                   "quantgate.cache_plugin"]
-# pytest-benchmark's JSON and saved runs written atomically (bad inputs / nothing lost).
+# pytest-benchmark's JSON and saved runs written atomically; offline, weights-only loading.
 pytest_plugins += ["quantgate.benchmark_files", "quantgate.safe_loading"]
 
 BASE_MARKERS = {
