@@ -100,7 +100,7 @@ def test_torch_load_is_weights_only_even_when_a_caller_asks_otherwise(tmp_path):
     enforce_offline()  # what the plugin does at configure (already done for this session)
     path = tmp_path / "model.bin"
     with open(path, "wb") as fh:
-        pickle.dump(Payload(), fh)
+        pickle.dump(Payload(), fh, protocol=2)  # torch.save's protocol
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         torch.load(path, weights_only=False)
 
