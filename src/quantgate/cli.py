@@ -278,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quantgate`` command."""
+    from quantgate.safe_loading import enforce_offline
+
     args = build_parser().parse_args(argv)
+    enforce_offline()  # the commands load weights too: offline and weights-only, as in a run
     try:
         return int(args.func(args))
     except QuantgateError as exc:

@@ -175,7 +175,9 @@ def write_synthetic_lora(path: Path, config: Mapping[str, Any], rank: int = 16, 
         b = torch.randn(out_features, rank, generator=generator) * scale
         tensors[f"transformer.{module}.lora_A.weight"] = a.to(torch.bfloat16)
         tensors[f"transformer.{module}.lora_B.weight"] = b.to(torch.bfloat16)
+    from quantgate.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "written_by": "quantgate (synthetic test LoRA)"})
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "written_by": "quantgate (synthetic test LoRA)"})
     return path

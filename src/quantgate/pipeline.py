@@ -148,7 +148,8 @@ def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettin
     scheme = get_scheme(case.scheme)
     variant = get_variant(case.variant)
     source = get_source(case.source).resolve(spec, ctx, case.device)
-    kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True,
+    # use_safetensors: a directory with only .bin pickles is refused, never unpickled.
+    kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True, "use_safetensors": True,
                               "device_map": None if _loads_on_cpu(variant, scheme) else case.device}
     if calibration is not None:
         calibration = calibration.for_device(case.device, case.call_kwargs())

@@ -40,6 +40,7 @@ from quantgate.pipeline import LoadedPipeline, PipelineCache
 from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
+from quantgate.report.runs import SCHEMA_VERSION
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
 from quantgate.sharding import pipeline_group
 from quantgate.variants import VARIANTS, get_variant
@@ -50,6 +51,8 @@ T = TypeVar("T")
 # Several GPUs and runners (xdist workers, shards): quantgate.distribute.
 pytest_plugins = ["quantgate.lora_plugin", "quantgate.distribute", "quantgate.budget_plugin",
                   "quantgate.cache_plugin"]
+# pytest-benchmark's JSON and saved runs written atomically; offline, weights-only loading.
+pytest_plugins += ["quantgate.benchmark_files", "quantgate.safe_loading"]
 
 BASE_MARKERS = {
     "gpu": "runs on a CUDA GPU (skips with the reason where there is none)",
@@ -367,6 +370,7 @@ class QuantgateRun:
         gates_bytes = self.gates.path.read_bytes() if self.gates.path.is_file() else b""
         return {
             "version": __version__,
+            "schema": SCHEMA_VERSION,  # bad-inputs: a reader refuses a newer layout by name
             "gates_file": str(self.gates.path),
             "gates_sha256": hashlib.sha256(gates_bytes).hexdigest(),
             "selection": {"models": list(self.selection.models), "schemes": list(self.selection.schemes),

@@ -64,3 +64,17 @@ def test_a_writer_killed_mid_write_never_leaves_a_torn_file(tmp_path):
     # The killed write's temporary file may remain, hidden, never under the real name.
     assert all(p.name.startswith(".cache.bin.") for p in tmp_path.iterdir() if p != path)
     os.sync()
+
+
+def test_atomic_file_publishes_on_success_and_removes_the_temporary_on_failure(tmp_path):
+    from quantgate.atomic import atomic_file
+
+    path = tmp_path / "stats.safetensors"
+    with atomic_file(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".stats.safetensors.")
+        tmp.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_bytes(b"half of the new")
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]

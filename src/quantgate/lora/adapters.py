@@ -74,6 +74,13 @@ class Adapters:
             raise LoraUnsupported(reason)
         if self.native is not None:
             return self.native.load(lora, name, strength)
+        foreign = self._modules_not_here(lora)
+        if foreign:
+            # diffusers only warns about these and loads the rest: a LoRA of another model would
+            # then apply in part, and every comparison after it would be of something else.
+            raise LoraMismatch(f"LoRA {lora.path} ({lora.format} layout) does not fit {self.model}'s {self.denoiser}: "
+                               f"{len(foreign)} of its target modules do not exist here (e.g. "
+                               f"{', '.join(foreign[:3])}); it was made for another model")
         before = set(self.adapter_names())
         try:
             self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
@@ -95,6 +102,19 @@ class Adapters:
         if strength is not None:
             self.set_strengths({name: strength})
         return name
+
+    def _modules_not_here(self, lora: LoraFile) -> list[str]:
+        """Modules a diffusers-layout (``peft``) LoRA targets that this denoiser lacks."""
+        if lora.format != "peft":
+            return []  # other layouts are renamed by diffusers' converters, which refuse unknown keys
+        from safetensors import safe_open
+
+        prefix = f"{self.denoiser}."
+        with safe_open(str(lora.path), framework="pt") as fh:
+            targets = {k[len(prefix):].split(".lora_A.")[0] for k in fh.keys()
+                       if k.startswith(prefix) and ".lora_A." in k}
+        present = {name for name, _ in self.module.named_modules()}
+        return sorted(targets - present)
 
     def adapter_names(self) -> list[str]:
         """Adapters present in the denoiser (loaded, whether active or not)."""

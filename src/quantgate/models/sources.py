@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantgate.errors import SourceInvalid, SourceUnavailable, UnknownNameError
-from quantgate.models.registry import ModelSpec, Size
+from quantgate.models.registry import ComponentSpec, ModelSpec, Size
 from quantgate.models.synthetic import materialize
 
 SOURCE_NAMES: tuple[str, ...] = ("hub", "path", "synthetic", "tiny")
@@ -57,6 +57,34 @@ def hub_cache_dir(ctx: SourceContext | None = None) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (reads only its header), or None.
+
+    A copy that stopped early or a file of another format is named here, before a loader
+    fails deep inside safetensors or diffusers.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or 8 + length > size:
+                return f"{path} is not a safetensors file or is truncated (header says {length} bytes, file has {size})"
+            header = json.loads(fh.read(length))
+    except OSError as exc:
+        return f"{path} is unreadable: {exc}"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path} is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return f"{path} is not a safetensors file (its header is not a JSON object)"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"{path} is truncated: {size} bytes, its header describes {expected} (copy or download it again)"
+    return None
+
+
 def _weights_problem(directory: Path) -> str | None:
     index = sorted(directory.glob("*.safetensors.index.json"))
     if index:
@@ -67,9 +95,12 @@ def _weights_problem(directory: Path) -> str | None:
         for shard in sorted(shards):
             if not (directory / shard).is_file():
                 return f"{directory / shard} is missing (listed in {index[0].name})"
+            if problem := safetensors_problem(directory / shard):
+                return problem
         return None
-    if any(p.is_file() for p in directory.glob("*.safetensors")):
-        return None
+    files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    if files:
+        return next((problem for f in files if (problem := safetensors_problem(f))), None)
     pickles = sorted(p.name for p in directory.glob("*.bin"))
     if pickles:
         return (f"{directory} holds only pickle weights ({', '.join(pickles)}); quantgate loads safetensors only: "
@@ -77,15 +108,30 @@ def _weights_problem(directory: Path) -> str | None:
     return f"{directory} has no *.safetensors weights"
 
 
-def _component_problem(directory: Path, role: str) -> str | None:
+def _config_class_problem(config_path: Path, comp: ComponentSpec) -> str | None:
+    """A component config written for another class (e.g. the other model family's transformer)."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{config_path} is unreadable: {exc}"
+    if not isinstance(config, dict):
+        return f"{config_path} is not a JSON object"
+    named = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    if named is not None and named != comp.cls:
+        return f"{config_path} is a {named} config, but {comp.name} must be a {comp.cls}"
+    return None
+
+
+def _component_problem(directory: Path, comp: ComponentSpec) -> str | None:
     if not directory.is_dir():
         return f"{directory} is missing"
-    if role == "model":
+    if comp.role == "model":
         if not (directory / "config.json").is_file():
             return f"{directory / 'config.json'} is missing"
-        return _weights_problem(directory)
-    if role == "scheduler":
-        return None if (directory / "scheduler_config.json").is_file() else f"{directory / 'scheduler_config.json'} is missing"
+        return _config_class_problem(directory / "config.json", comp) or _weights_problem(directory)
+    if comp.role == "scheduler":
+        config = directory / "scheduler_config.json"
+        return _config_class_problem(config, comp) if config.is_file() else f"{config} is missing"
     has_files = (directory / "tokenizer.json").is_file() or (directory / "spiece.model").is_file() or (
         (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
     )
@@ -111,7 +157,11 @@ def pipeline_dir_problems(directory: Path, spec: ModelSpec) -> list[str]:
         if comp.name not in index:
             problems.append(f"{index_path} has no entry for component {comp.name!r}")
             continue
-        if problem := _component_problem(directory / comp.name, comp.role):
+        entry = index[comp.name]
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] != comp.cls:
+            problems.append(f"{index_path} makes {comp.name} a {entry[1]}, but {spec.name} needs a {comp.cls}")
+            continue
+        if problem := _component_problem(directory / comp.name, comp):
             problems.append(problem)
     return problems
 

@@ -84,15 +84,24 @@ def load_golden(root: str | Path, model: str, source: str, settings: Mapping[str
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise GoldenInvalid(f"{manifest_path} is unreadable ({exc}): {_how_to_create(model, source)}") from None
+    if not isinstance(manifest, dict):
+        raise GoldenInvalid(f"{manifest_path} is not a golden manifest (a JSON object): "
+                            f"{_how_to_create(model, source)}")
     if manifest.get("format") != FORMAT_VERSION:
-        raise GoldenInvalid(f"{manifest_path} has format {manifest.get('format')}, expected {FORMAT_VERSION}")
+        raise GoldenInvalid(f"{manifest_path} has format {manifest.get('format')}, expected {FORMAT_VERSION}: "
+                            f"{_how_to_create(model, source)}")
     recorded = manifest.get("settings", {})
     differing = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
     if differing:
         detail = ", ".join(f"{k} {old!r} (this run: {new!r})" for k, (old, new) in differing.items())
         raise GoldenInvalid(f"{manifest_path} was generated with {detail}: refresh the golden set "
                             f"({_how_to_create(model, source)}) or run with its settings")
-    images = tuple(GoldenImage(i["file"], i["prompt"], int(i["seed"]), i["sha256"]) for i in manifest.get("images", []))
+    try:
+        images = tuple(GoldenImage(str(i["file"]), i["prompt"], int(i["seed"]), str(i["sha256"]))
+                       for i in manifest.get("images", []))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GoldenInvalid(f"{manifest_path} has a malformed image entry ({type(exc).__name__}: {exc}): "
+                            f"{_how_to_create(model, source)}") from None
     if len(images) < len(prompts):
         raise GoldenInvalid(f"{manifest_path} holds {len(images)} images, this run compares {len(prompts)}")
     for image, (prompt, seed) in zip(images, prompts):
@@ -101,7 +110,8 @@ def load_golden(root: str | Path, model: str, source: str, settings: Mapping[str
                                 f"this run asks {prompt!r} seed {seed}: {_how_to_create(model, source)}")
         path = directory / image.file
         if not path.is_file():
-            raise GoldenInvalid(f"{path} is listed in {MANIFEST} but missing")
+            raise GoldenInvalid(f"{path} is listed in {MANIFEST} but missing: restore it from git or "
+                                f"{_how_to_create(model, source)}")
         if _sha256(path) != image.sha256:
             raise GoldenInvalid(f"{path} does not match the sha256 in {MANIFEST} (changed or truncated): "
                                 f"restore it from git or {_how_to_create(model, source)}")

@@ -130,7 +130,8 @@ class ClipScorer:
 
         self.checkpoint = resolved
         self.device = device
-        self.model = CLIPModel.from_pretrained(resolved.directory, local_files_only=True).to(device).eval()
+        self.model = CLIPModel.from_pretrained(resolved.directory, local_files_only=True,
+                                               use_safetensors=True).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(resolved.directory, local_files_only=True)
 
     def cosines(self, images: np.ndarray, prompts: list[str]) -> list[float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from quantgate.atomic import atomic_write_json
+from quantgate.atomic import atomic_file, atomic_write_json
 from quantgate.cache import mark_used
 
 
@@ -215,13 +214,8 @@ class StatsCache:
         tensors_path, meta_path = self._paths(key)
         # Straight to a temporary file, then renamed: Hessians of a full-size denoiser are
         # gigabytes, and serializing them to bytes first would hold them twice in memory.
-        tensors_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tensors_path.with_name(f".{tensors_path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_file(tensors_path) as tmp:
             save_file(flat, str(tmp))
-            os.replace(tmp, tensors_path)
-        finally:
-            tmp.unlink(missing_ok=True)
         atomic_write_json(meta_path, dict(facts))
         return tensors_path
 

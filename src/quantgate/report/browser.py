@@ -33,9 +33,18 @@ def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 def screenshot(html_file: str | Path, png_file: str | Path, width: int = 1280, height: int = 2400,
                timeout: int = 120) -> Path:
     """Open ``html_file`` offline and save what the browser shows to ``png_file``."""
+    import tempfile
+
+    from quantgate.atomic import atomic_write_bytes
+
     png_file = Path(png_file).resolve()
     png_file.parent.mkdir(parents=True, exist_ok=True)
-    _run([f"--window-size={width},{height}", f"--screenshot={png_file}", Path(html_file).resolve().as_uri()], timeout)
+    # Chromium writes the file itself (and wants a .png name): into a private directory, then
+    # published whole through quantgate.atomic once the browser exited cleanly.
+    with tempfile.TemporaryDirectory(prefix=".tmp-screenshot-", dir=png_file.parent) as scratch:
+        shot = Path(scratch) / "screenshot.png"
+        _run([f"--window-size={width},{height}", f"--screenshot={shot}", Path(html_file).resolve().as_uri()], timeout)
+        atomic_write_bytes(png_file, shot.read_bytes())
     return png_file
 
 

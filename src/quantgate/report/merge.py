@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import ConfigFileError
-from quantgate.report.runs import load_benchmark_json
+from quantgate.report.runs import SCHEMA_VERSION, load_benchmark_json
 
 _SAME_MACHINE = ("gpu", "hardware_class", "nvidia_driver", "cuda_runtime", "libraries")
 
@@ -36,6 +36,7 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
     merged = copy.deepcopy(first)
     merged["benchmarks"], merged["quantgate"] = [], {
         "version": first["quantgate"].get("version"),
+        "schema": SCHEMA_VERSION,
         "parts": [],
         "verdicts": [],
         "releases": [],

@@ -18,16 +18,42 @@ from quantgate.errors import ConfigFileError
 CASE_FIELDS = ("model", "source", "scheme", "variant", "batch", "device")
 
 
+# The layout of the "quantgate" section of a benchmark JSON. Raise it when a reader of the old
+# layout would misread the new one; files without the field are schema 1.
+SCHEMA_VERSION = 1
+
+
 def load_benchmark_json(path: str | Path) -> dict[str, Any]:
-    """Read a benchmark JSON; refuse files that quantgate did not write."""
+    """Read a benchmark JSON; refuse files that quantgate did not write or cannot read."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise ConfigFileError(path, f"cannot read benchmark JSON: {exc}") from None
-    if not isinstance(data, dict) or "benchmarks" not in data or "quantgate" not in data:
-        raise ConfigFileError(path, "not a benchmark JSON written by a quantgate run "
-                              "(pytest --benchmark-json with the quantgate plugin)")
+    if not raw.strip():
+        raise ConfigFileError(path, "is empty, not a benchmark JSON (an interrupted run or a wrong path?)")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(path, f"not a JSON file (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigFileError(path, f"not valid JSON ({exc.msg})", line=exc.lineno) from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ConfigFileError(path, "not a pytest-benchmark JSON (no 'benchmarks' list): give the file of "
+                              "pytest --benchmark-json, run with the quantgate plugin")
+    if not isinstance(data.get("quantgate"), dict):
+        raise ConfigFileError(path, "a pytest-benchmark JSON without a 'quantgate' section: not a benchmark "
+                              "JSON written by a quantgate run (pytest --benchmark-json with the quantgate plugin)")
+    schema = data["quantgate"].get("schema", 1)
+    if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+        from quantgate import __version__
+
+        raise ConfigFileError(path, f"written by quantgate {data['quantgate'].get('version')} with result schema "
+                              f"{schema!r}; this quantgate ({__version__}) reads schema {SCHEMA_VERSION} and older: "
+                              "use the quantgate version that wrote it")
+    if not isinstance(data.get("machine_info", {}), dict):
+        raise ConfigFileError(path, "'machine_info' is not an object: not a pytest-benchmark JSON")
+    data.setdefault("machine_info", {})
     return data
 
 

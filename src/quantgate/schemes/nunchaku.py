@@ -224,6 +224,9 @@ def find_checkpoint(spec: ModelSpec, precision: str, hub_cache: Path, configured
             parsed = parse_name(configured.name)
             if parsed is not None and parsed[0] != precision:
                 return f"${ENV_CHECKPOINT} = {configured} is a {parsed[0]} checkpoint, not {precision}"
+            if parsed is not None and parsed[2] != model_slug(spec):
+                return (f"${ENV_CHECKPOINT} = {configured} is a checkpoint of {parsed[2]}, not of {spec.name} "
+                        f"({model_slug(spec)}): point it at svdq-{p.file_tag}_r<rank>-{model_slug(spec)}.safetensors")
             try:
                 return checkpoint_from_file(configured, precision, rank, f"${ENV_CHECKPOINT}")
             except ValueError as exc:
@@ -232,14 +235,20 @@ def find_checkpoint(spec: ModelSpec, precision: str, hub_cache: Path, configured
             return f"${ENV_CHECKPOINT} = {configured} does not exist"
         chosen = _pick([f for f in configured.glob(pattern) if f.is_file()], rank)
         if chosen is not None:
-            return checkpoint_from_file(chosen, found_in=f"${ENV_CHECKPOINT} ({configured})")
+            try:  # a file whose metadata contradicts its name is a reason to skip, not a traceback
+                return checkpoint_from_file(chosen, found_in=f"${ENV_CHECKPOINT} ({configured})")
+            except ValueError as exc:
+                return str(exc)
     looked = []
     for label, snapshot in hub_snapshots(hub_cache, spec):
         looked.append(label)
         # is_file follows the cache's symlinks into blobs/: a dangling link is an unfinished download
         chosen = _pick([f for f in snapshot.glob(pattern) if f.is_file()], rank)
         if chosen is not None:
-            return checkpoint_from_file(chosen, found_in=f"hub cache ({label})")
+            try:
+                return checkpoint_from_file(chosen, found_in=f"hub cache ({label})")
+            except ValueError as exc:
+                return str(exc)
     repos = ", ".join(f"{org}/nunchaku-{model_slug(spec)}" for org in HUB_ORGS)
     where = f"snapshots of {', '.join(looked)}" if looked else f"no snapshot of {repos}"
     wanted = pattern.replace("_r*", f"_r{rank}" if rank is not None else "_r*")
