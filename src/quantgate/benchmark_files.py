@@ -24,9 +24,23 @@ def _encode(output_json: dict[str, Any]) -> bytes:
     return safe_dumps(output_json, ensure_ascii=True, indent=4).encode()
 
 
+def benchmark_json_path(target: Any) -> str:
+    """The path behind ``--benchmark-json``: pytest-benchmark 5.3 keeps the path, 5.2 an open file.
+
+    5.2 opens (and empties) the file while parsing options (``argparse.FileType``); renaming a
+    complete file over that name is still atomic for readers, the stale handle is never written.
+    """
+    return target.name if hasattr(target, "write") else target  # a Path has .name too: its last part
+
+
 def _save_json(self: Any, output_json: dict[str, Any]) -> None:
-    atomic_write_bytes(self.json, _encode(output_json))
-    self.logger.info(f"Wrote benchmark data in: {self.json}", purple=True)
+    # 5.2 emptied the file at start-up, so it cannot keep the previous version; the new one
+    # still lands whole. Renaming over the name leaves 5.2's handle unwritten: close it.
+    path = benchmark_json_path(self.json)
+    atomic_write_bytes(path, _encode(output_json))
+    if hasattr(self.json, "close"):
+        self.json.close()
+    self.logger.info(f"Wrote benchmark data in: {path}", purple=True)
 
 
 def _storage_save(self: Any, output_json: dict[str, Any], save: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from quantgate.benchmark_files import benchmark_json_path
 from quantgate.gpus import gpus_for_workers, parse_gpus, visible_gpus
 from quantgate.sharding import (
     SPREAD_UNITS,
@@ -306,15 +307,6 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
         state.worker_parts[node.gateway.id] = json.loads(output[_OUTPUT_KEY])
     elif error is not None:
         state.worker_errors.append(f"{node.gateway.id}: {error}")
-
-
-def benchmark_json_path(target: Any) -> str:
-    """The path behind ``--benchmark-json``: pytest-benchmark 5.3 keeps the path, 5.2 an open file.
-
-    5.2 opens (and empties) the file while parsing options (``argparse.FileType``); renaming a
-    complete file over that name is still atomic for readers, the stale handle is never written.
-    """
-    return getattr(target, "name", target)
 
 
 def _write_merged(config: pytest.Config, bs: Any, state: Distribution) -> None:

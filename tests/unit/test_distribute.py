@@ -360,9 +360,10 @@ def test_xdist_disabling_is_recognised_by_pytest_benchmarks_own_rule(options, wo
 
 
 def test_the_benchmark_json_target_is_a_path_under_both_pytest_benchmark_versions(tmp_path):
-    from quantgate.distribute import benchmark_json_path
+    from quantgate.benchmark_files import benchmark_json_path
 
     target = tmp_path / "out.json"
     assert benchmark_json_path(str(target)) == str(target)  # 5.3: the path as given
+    assert benchmark_json_path(target) == target
     with open(target, "wb") as handle:  # 5.2: argparse.FileType("wb") hands over an open file
         assert benchmark_json_path(handle) == str(target)

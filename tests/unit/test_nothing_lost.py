@@ -318,3 +318,20 @@ def test_synthetic_diffusers_lora(tmp_path, tiny_flux_dir, sig):
     assert again.path == previous.path and load_file(again.path).keys() == tensors.keys()
     assert all(torch.equal(load_file(again.path)[k], tensors[k]) for k in tensors)
     assert _visible(tmp_path) == before
+
+
+def test_pytest_benchmark_52s_open_json_file_is_written_whole_through_its_name(tmp_path):
+    """pytest-benchmark 5.2 hands over --benchmark-json as a file it opened (and emptied)."""
+    import logging
+    import types
+
+    from quantgate.benchmark_files import make_atomic
+
+    target = tmp_path / "out.json"
+    logger = types.SimpleNamespace(info=lambda *a, **k: logging.getLogger("t").info(a[0]))
+    session = types.SimpleNamespace(json=open(target, "wb"), logger=logger, storage=None,
+                                    save_json=lambda output_json: None)
+    assert make_atomic(session)
+    session.save_json({"benchmarks": [], "version": "5.2.3"})
+    assert json.loads(target.read_text()) == {"benchmarks": [], "version": "5.2.3"}
+    assert session.json.closed
