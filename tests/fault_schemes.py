@@ -12,12 +12,12 @@ over the ``leaked_gpu_bytes`` gate) and a fault:
 On CUDA the out-of-memory is real (an allocation of twice the card's memory); on the CPU the
 same ``torch.OutOfMemoryError`` is raised. ``QUANTGATE_FAKE_ALLOCATOR=1`` makes the pipeline
 cache's allocator readings count the live ballast bytes (through weak references), so the
-CPU tier measures leaks the way the GPU tier does. Each release appends the names of the
-fault pipelines whose transformer is still alive (weak references, after gc) to ``alive.jsonl``.
+CPU tier measures leaks the way the GPU tier does. Each release (after its garbage
+collection) appends the fault schemes whose transformer is still alive (weak references) to
+``alive.jsonl``.
 """
 
 FAULTS_CONFTEST = '''
-import gc
 import json
 import os
 import weakref
@@ -70,18 +70,22 @@ for _name, _fault in FAULTS.items():
     schemes.SCHEMES[_name] = Scheme(name=_name, summary="bf16 with an injected fault (test only)",
                                     backend="none", post_load=_fault)
 
+_release_memory = pipeline_module.release_memory
+
+
+def _release(device):
+    _release_memory(device)  # gc.collect() (and, on CUDA, empty_cache) as every release does
+    alive = sorted(name for name, ref in PIPES.items() if ref() is not None)
+    with open("alive.jsonl", "a") as f:
+        f.write(json.dumps(alive) + "\\n")
+
+
+pipeline_module.release_memory = _release
 if os.environ.get("QUANTGATE_FAKE_ALLOCATOR"):
     def _allocated(device):
         return sum(t.numel() * t.element_size() for t in list(BALLAST))
 
-    def _release(device):
-        gc.collect()
-        alive = sorted(name for name, ref in PIPES.items() if ref() is not None)
-        with open("alive.jsonl", "a") as f:
-            f.write(json.dumps(alive) + "\\n")
-
     pipeline_module.allocated_bytes = _allocated
-    pipeline_module.release_memory = _release
 '''
 
 # A plugin that keeps every failed call's exception, as one collecting failures for its own
