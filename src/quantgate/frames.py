@@ -22,9 +22,9 @@ def clear_traceback(tb: TracebackType | None) -> None:
         tb = tb.tb_next
 
 
-def clear_exception_frames(exc: BaseException | None) -> None:
+def clear_exception_frames(exc: BaseException | None, detach: bool = True) -> None:
     """Clear the traceback of ``exc`` and of its chain (``__cause__``, ``__context__``), and
-    detach each traceback from its exception.
+    (``detach``) take each traceback off its exception once nothing needs to render it.
 
     Clearing locals is not enough for whoever keeps the exception: a frame keeps the function
     it executes (a closure such as torch's ``Module._call_impl.inner`` keeps the module) and
@@ -35,5 +35,6 @@ def clear_exception_frames(exc: BaseException | None) -> None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         clear_traceback(exc.__traceback__)
-        exc.__traceback__ = None
+        if detach:
+            exc.__traceback__ = None
         exc = exc.__cause__ or exc.__context__

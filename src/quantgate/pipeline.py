@@ -244,19 +244,29 @@ class PipelineCache:
             self.current = load_pipeline(case, self.ctx, self.calibration)
         except (SourceUnavailable, SourceInvalid):
             raise  # cheap to re-check, and the plugin turns them into a skip / usage error
+        except (KeyboardInterrupt, SystemExit):
+            raise
         except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            self.failures[case.pipeline_key] = message
-            # Frames of the failed load reference its half-built modules: clear them so the
-            # memory is free for the next case, keeping the message and the traceback text.
-            clear_exception_frames(exc)
-            _drop_exception_state()
-            release_memory(case.device)
-            self.failed_releases.append(Release(case.pipeline_key, case.device, self._before_load,
-                                                allocated_bytes(case.device), failed_load=True,
-                                                session_baseline_bytes=self.baselines.get(case.device)))
+            message = self._failed(case, exc)
             raise PipelineBuildError(f"{case.id}: {message}") from exc
+        except BaseException as exc:  # a time budget's stop (pytest.fail from SIGALRM): the test reports it as is
+            self._failed(case, exc)
+            raise
         return self.current
+
+    def _failed(self, case: Case, exc: BaseException) -> str:
+        """Remember a failed load, free what it built and record what it left allocated."""
+        message = f"{type(exc).__name__}: {exc}"
+        self.failures[case.pipeline_key] = message
+        # Frames of the failed load reference its half-built modules: clear them so the
+        # memory is free for the next case; the traceback stays for pytest to render.
+        clear_exception_frames(exc, detach=False)
+        _drop_exception_state()
+        release_memory(case.device)
+        self.failed_releases.append(Release(case.pipeline_key, case.device, self._before_load,
+                                            allocated_bytes(case.device), failed_load=True,
+                                            session_baseline_bytes=self.baselines.get(case.device)))
+        return message
 
     def release(self) -> Release | None:
         """Free the loaded pipeline; report what stayed allocated above the baseline."""

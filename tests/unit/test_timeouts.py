@@ -11,6 +11,7 @@ import json
 import pytest
 
 from tests.conftest import REPO
+from tests.fault_schemes import CASE_TESTS, FAULTS_CONFTEST
 
 SOFT = """
 import time
@@ -105,6 +106,29 @@ def test_a_test_that_never_returns_is_killed_at_budget_plus_grace_leaving_partia
     text = _report(partial)
     assert f"| {hung} | {CASE} | killed (hard) | 1 s |" in text
     assert f"| {hung} | failed | hung: exceeded its 1 s budget + 1 s grace; the process was killed |" in text
+
+
+def test_a_load_over_its_budget_fails_its_case_once_and_frees_its_memory(pytester, args, monkeypatch):
+    monkeypatch.setenv("QUANTGATE_FAKE_ALLOCATOR", "1")  # allocator readings count the ballast
+    pytester.makeconftest(FAULTS_CONFTEST)
+    pytester.makepyfile(test_cases=CASE_TESTS)
+    # 8 s: loading the tiny bf16 pipeline after it must fit with room on a busy CPU
+    result = pytester.runpytest_subprocess(*[a for a in args if not a.startswith(("--quantgate-schemes",
+                                                                                    "--quantgate-case-timeout"))],
+                                           "--quantgate-schemes=fault-slow-load,bf16", "--quantgate-case-timeout=8",
+                                           "--quantgate-rounds=1", "--quantgate-warmup=0",
+                                           "--quantgate-timeout-grace=60", timeout=180)
+
+    result.assert_outcomes(errors=3, passed=3)  # the slow load is not retried for each of its tests
+    slow = "flux-schnell-tiny-fault-slow-load-eager-b1-cpu"
+    result.stdout.fnmatch_lines([f"ERROR test_cases.py::test_forward[[]{slow}] - Failed: test_cases.py::test_forward"
+                                 f"[[]{slow}] exceeded its 8 s budget*",
+                                 f"ERROR test_cases.py::test_footprint[[]{slow}] - *already failed in this session: "
+                                 "Failed: *exceeded its 8 s budget*"])
+    quantgate = json.loads((pytester.path / "out.json").read_text())["quantgate"]
+    failed_load = quantgate["releases"][0]
+    assert failed_load["failed_load"] is True and failed_load["leaked_bytes"] == 0
+    assert [t["kind"] for t in quantgate["timeouts"]] == ["soft"]
 
 
 @pytest.mark.parametrize(("option", "message"), [
