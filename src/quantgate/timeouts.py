@@ -90,14 +90,15 @@ def _faulthandler_timeout(config: pytest.Config) -> float:
         return 0.0
 
 
-def _partial_path(config: pytest.Config) -> Path:
+def partial_path(config: pytest.Config, worker: str | None = None) -> Path:
+    """Where a process killed by the hard limit writes its partial results (one file per xdist worker)."""
     given = _value(config, "partial-results")
     if given:
         path = Path(given)
     else:
         bench_json = config.getoption("benchmark_json", None)
         path = Path(f"{bench_json}.partial.json") if bench_json else Path("quantgate-partial.json")
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    worker = worker or os.environ.get("PYTEST_XDIST_WORKER")
     return path.with_name(f"{path.stem}-{worker}{path.suffix}") if worker else path
 
 
@@ -154,7 +155,7 @@ class Budget:
 
     def __init__(self, config: pytest.Config, budget: float, grace: float):
         self.config, self.budget, self.grace = config, budget, grace
-        self.partial_path = _partial_path(config)
+        self.partial_path = partial_path(config)
         # pytest-timeout, when present, owns SIGALRM; keep only the watchdog then.
         self.soft = not config.pluginmanager.hasplugin("timeout")
         # faulthandler's timer is one per process; pytest's faulthandler_timeout may use it.

@@ -140,3 +140,16 @@ def test_bad_budgets_are_usage_errors(pytester, args, option, message):
     result = pytester.runpytest(*args, option)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_under_xdist_the_killed_worker_is_reported_against_the_hung_test_and_the_run_goes_on(pytester, args):
+    pytester.makepyfile(test_hard=HARD)
+    result = pytester.runpytest_subprocess(*args, "--quantgate-timeout-grace=1", "-n", "2", timeout=180)
+
+    hung = f"test_hard.py::test_hangs[{CASE}]"
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([f"*worker 'gw*' crashed while running '{hung.replace('[', '[[]')}'*"])
+    result.assert_outcomes(passed=2, failed=1)  # test_after ran on the replacement worker
+    (partial,) = pytester.path.glob("out.json.partial-gw*.json")  # one worker killed, once
+    assert json.loads(partial.read_text())["quantgate"]["partial"]["hung_test"] == hung
+    result.stdout.fnmatch_lines([f"quantgate: xdist worker gw*: * (its partial results: {partial}) sent no results*"])
