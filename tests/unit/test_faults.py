@@ -7,9 +7,12 @@ the last test of the group. On the CPU the allocator readings count the fault sc
 ballast tensors through weak references (QUANTGATE_FAKE_ALLOCATOR).
 """
 
+import gc
 import json
+import weakref
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 from tests.fault_schemes import CASE_TESTS, FAULTS_CONFTEST, KEEPS_EXCEPTIONS
@@ -122,3 +125,42 @@ def test_a_leak_is_reported_with_bytes_pipeline_group_and_last_test(session):
     assert f"| cpu/flux-schnell/tiny/fault-leak/eager | {_id('test_timed', 'fault-leak')} | 128.0 MiB | FAIL |" in text
 
 
+
+
+class Model:
+    """Stands in for a pipeline's transformer; a weak reference tells whether anything holds it."""
+
+
+def _fail_in_a_forward():
+    model = Model()
+    held = weakref.ref(model)
+
+    def inner():  # a closure over the model, as torch's Module._call_impl runs one
+        raise torch.OutOfMemoryError(f"CUDA out of memory (simulated, in {type(model).__name__})")
+
+    try:
+        inner()
+    except torch.OutOfMemoryError as exc:
+        return exc, held
+
+
+def test_a_cleared_exception_no_longer_holds_what_its_frames_held():
+    from quantgate.frames import clear_exception_frames
+
+    kept, held = _fail_in_a_forward()
+    repr(kept.__traceback__.tb_next.tb_frame.f_locals)  # pytest reads locals when it renders a traceback
+    gc.collect()
+    assert held() is not None  # whoever keeps the exception keeps the model
+
+    clear_exception_frames(kept)
+    gc.collect()
+    assert held() is None
+    assert str(kept) == "CUDA out of memory (simulated, in Model)" and kept.__traceback__ is None
+
+
+def test_a_failed_load_keeps_its_traceback_for_the_report_without_the_locals():
+    from quantgate.frames import clear_exception_frames
+
+    kept, held = _fail_in_a_forward()
+    clear_exception_frames(kept, detach=False)
+    assert kept.__traceback__ is not None and kept.__traceback__.tb_next.tb_frame.f_locals == {}
