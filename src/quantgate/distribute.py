@@ -306,7 +306,11 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     if _OUTPUT_KEY in output:
         state.worker_parts[node.gateway.id] = json.loads(output[_OUTPUT_KEY])
     elif error is not None:
-        state.worker_errors.append(f"{node.gateway.id}: {error}")
+        from quantgate.timeouts import partial_path
+
+        partial = partial_path(node.config, node.gateway.id)  # written if the time budget killed it
+        found = f" (its partial results: {partial})" if partial.is_file() else ""
+        state.worker_errors.append(f"{node.gateway.id}: {error}{found}")
 
 
 def _write_merged(config: pytest.Config, bs: Any, state: Distribution) -> None:

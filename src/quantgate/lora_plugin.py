@@ -204,7 +204,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     altered.discard(case.pipeline_key)
     run = _run(item.config)
     if run.pipelines.current is not None and run.pipelines.current.case_key == case.pipeline_key:
-        _release(run, case)
+        _release(run, case, item.nodeid)
 
 
 @pytest.fixture

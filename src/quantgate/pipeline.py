@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from packaging.version import Version
 
 from quantgate.cases import Case
 from quantgate.errors import PipelineBuildError, SourceInvalid, SourceUnavailable
+from quantgate.frames import clear_exception_frames
 from quantgate.measure.flops import forward_flops
 from quantgate.measure.footprint import Footprint, module_footprint, reference_bytes
 from quantgate.measure.memory import allocated_bytes, release_memory, synchronize
@@ -189,14 +189,24 @@ class Release:
 
     case_key: tuple[str, ...]
     device: str
-    baseline_bytes: int | None
+    baseline_bytes: int | None  # allocated just before this pipeline loaded
     allocated_after_bytes: int | None
+    failed_load: bool = False  # released after its load raised (nothing was loaded for a test)
+    session_baseline_bytes: int | None = None  # allocated before the session's first load
 
     @property
     def leaked_bytes(self) -> int | None:
+        """What this pipeline group left allocated: a leak is counted once, against the group that caused it."""
         if self.baseline_bytes is None or self.allocated_after_bytes is None:
             return None
         return max(0, self.allocated_after_bytes - self.baseline_bytes)
+
+    @property
+    def above_session_baseline_bytes(self) -> int | None:
+        """What every group so far left allocated together (drift that no single group shows)."""
+        if self.session_baseline_bytes is None or self.allocated_after_bytes is None:
+            return None
+        return max(0, self.allocated_after_bytes - self.session_baseline_bytes)
 
 
 def _drop_exception_state() -> None:
@@ -215,7 +225,10 @@ class PipelineCache:
         self.calibration = calibration
         self.current: LoadedPipeline | None = None
         self.failures: dict[tuple[str, ...], str] = {}
-        self.baselines: dict[str, int | None] = {}
+        self.baselines: dict[str, int | None] = {}  # per device, before the session's first load
+        self._before_load: int | None = None  # allocated before the current pipeline loaded
+        # Loads that raised, checked for leaks like any release; the plugin takes them in teardown.
+        self.failed_releases: list[Release] = []
 
     def get(self, case: Case) -> LoadedPipeline:
         """The pipeline for ``case``, loading it (and releasing any other) if needed."""
@@ -226,21 +239,35 @@ class PipelineCache:
                                      f"{self.failures[case.pipeline_key]}")
         if self.current is not None:
             self.release()
-        self.baselines.setdefault(case.device, allocated_bytes(case.device))
+        self._before_load = allocated_bytes(case.device)
+        self.baselines.setdefault(case.device, self._before_load)
         try:
             self.current = load_pipeline(case, self.ctx, self.calibration)
         except (SourceUnavailable, SourceInvalid):
             raise  # cheap to re-check, and the plugin turns them into a skip / usage error
+        except (KeyboardInterrupt, SystemExit):
+            raise
         except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            self.failures[case.pipeline_key] = message
-            # Frames of the failed load reference its half-built modules: clear them so the
-            # memory is free for the next case, keeping the message and the traceback text.
-            traceback.clear_frames(exc.__traceback__)
-            _drop_exception_state()
-            release_memory(case.device)
+            message = self._failed(case, exc)
             raise PipelineBuildError(f"{case.id}: {message}") from exc
+        except BaseException as exc:  # a time budget's stop (pytest.fail from SIGALRM): the test reports it as is
+            self._failed(case, exc)
+            raise
         return self.current
+
+    def _failed(self, case: Case, exc: BaseException) -> str:
+        """Remember a failed load, free what it built and record what it left allocated."""
+        message = f"{type(exc).__name__}: {exc}"
+        self.failures[case.pipeline_key] = message
+        # Frames of the failed load reference its half-built modules: clear them so the
+        # memory is free for the next case; the traceback stays for pytest to render.
+        clear_exception_frames(exc, detach=False)
+        _drop_exception_state()
+        release_memory(case.device)
+        self.failed_releases.append(Release(case.pipeline_key, case.device, self._before_load,
+                                            allocated_bytes(case.device), failed_load=True,
+                                            session_baseline_bytes=self.baselines.get(case.device)))
+        return message
 
     def release(self) -> Release | None:
         """Free the loaded pipeline; report what stayed allocated above the baseline."""
@@ -252,4 +279,5 @@ class PipelineCache:
         del loaded
         _drop_exception_state()
         release_memory(device)
-        return Release(key, device, self.baselines.get(device), allocated_bytes(device))
+        return Release(key, device, self._before_load, allocated_bytes(device),
+                       session_baseline_bytes=self.baselines.get(device))

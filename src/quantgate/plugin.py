@@ -36,7 +36,7 @@ from quantgate.measure.timing import pedantic
 from quantgate.models import ModelSpec, get_model, model_names
 from quantgate.models.registry import load_models
 from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
-from quantgate.pipeline import LoadedPipeline, PipelineCache
+from quantgate.pipeline import LoadedPipeline, PipelineCache, Release
 from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
@@ -50,9 +50,11 @@ T = TypeVar("T")
 # LoRA gates: the --quantgate-lora option and the lora fixtures live in their own plugin module.
 # Several GPUs and runners (xdist workers, shards): quantgate.distribute.
 pytest_plugins = ["quantgate.lora_plugin", "quantgate.distribute", "quantgate.budget_plugin",
-                  "quantgate.cache_plugin"]
-# pytest-benchmark's JSON and saved runs written atomically; offline, weights-only loading.
-pytest_plugins += ["quantgate.benchmark_files", "quantgate.safe_loading"]
+                  "quantgate.cache_plugin",
+                  # Faults: failed tests drop their frames; the per-case time budget.
+                  "quantgate.isolation", "quantgate.timeouts",
+                  # pytest-benchmark's JSON and saved runs written atomically; offline, weights-only loading.
+                  "quantgate.benchmark_files", "quantgate.safe_loading"]
 
 BASE_MARKERS = {
     "gpu": "runs on a CUDA GPU (skips with the reason where there is none)",
@@ -237,6 +239,7 @@ class QuantgateRun:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     releases: list[dict[str, Any]] = field(default_factory=list)
+    timeouts: list[dict[str, Any]] = field(default_factory=list)  # cases over their time budget (quantgate.timeouts)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     records: Records = field(default_factory=Records)
     case_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)  # nodeid -> its case, for outcomes
@@ -363,6 +366,8 @@ class QuantgateRun:
             reason = None
             if report.skipped and isinstance(report.longrepr, tuple):
                 reason = report.longrepr[2].removeprefix("Skipped: ")
+            elif report.failed:
+                reason = _failure_reason(report)
             record.update(outcome=report.outcome, when=report.when, reason=reason)
 
     def summary(self) -> dict[str, Any]:
@@ -381,8 +386,18 @@ class QuantgateRun:
             "verdicts": self.verdicts,
             "artifacts": self.artifacts,
             "releases": self.releases,
+            "timeouts": self.timeouts,
             "outcomes": self.outcomes,
         }
+
+
+def _failure_reason(report: pytest.TestReport) -> str | None:
+    """What a failure says in one line (the exception type and message), for the JSON and the report."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        return str(crash.message).split("\n")[0][:500]
+    text = str(report.longrepr or "").strip().splitlines()
+    return text[-1][:500] if text else None
 
 
 def _run(config: pytest.Config) -> QuantgateRun:
@@ -456,27 +471,37 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Release the pipeline once no following test needs it (after fixture teardown)."""
     run = _run(item.config)
+    while run.pipelines.failed_releases:  # a load that raised in this test's setup: what did it leave?
+        _record_release(run, run.pipelines.failed_releases.pop(0), _case_of(item), item.nodeid)
     current = run.pipelines.current
     if current is None:
         return
     following = _case_of(nextitem)
     if following is not None and following.pipeline_key == current.case_key:
         return
-    _release(run, _case_of(item))
+    _release(run, _case_of(item), item.nodeid)
 
 
-def _release(run: QuantgateRun, case: Case | None) -> None:
-    released = run.pipelines.release()
+def _release(run: QuantgateRun, case: Case | None, last_test: str | None = None) -> None:
+    _record_release(run, run.pipelines.release(), case, last_test)
+
+
+def _record_release(run: QuantgateRun, released: Release | None, case: Case | None, last_test: str | None) -> None:
+    """Record what a release left allocated, naming the pipeline group and its last test; gate it."""
     if released is None or released.leaked_bytes is None:
         return
-    record = {"pipeline": "/".join(released.case_key), "leaked_bytes": released.leaked_bytes}
+    record = {"pipeline": "/".join(released.case_key), "leaked_bytes": released.leaked_bytes,
+              "above_session_baseline_bytes": released.above_session_baseline_bytes,
+              "case": case.id if case is not None else None, "last_test": last_test,
+              "failed_load": released.failed_load}
     if case is not None:
         gate = run.gates.lookup("leaked_gpu_bytes", case.gate_attrs(run.hardware(case)))
         if gate is not None:
             verdict = gate.check(float(released.leaked_bytes), subject="/".join(released.case_key))
             record.update(verdict.as_dict())
             if not verdict.passed:
-                warnings.warn(QuantgateLeakWarning(verdict.message), stacklevel=1)
+                after = f" (released after {last_test})" if last_test else ""
+                warnings.warn(QuantgateLeakWarning(verdict.message + after), stacklevel=1)
     run.releases.append(record)
 
 
@@ -485,7 +510,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if run is None:
         return
     if run.pipelines.current is not None:
-        _release(run, None)
+        _release(run, None, "session end")
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -503,7 +528,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             tr.write_line(f"  FAILED {v['case']}: {v['message']}")
     for r in run.releases:
         if r.get("passed") is False:
-            tr.write_line(f"  LEAK {r['pipeline']}: {format_value(r['leaked_bytes'], 'bytes')} still allocated")
+            after = f" after {r['last_test']}" if r.get("last_test") else ""
+            load = " (its load failed)" if r.get("failed_load") else ""
+            tr.write_line(f"  LEAK {r['pipeline']}{load}: {format_value(r['leaked_bytes'], 'bytes')} "
+                          f"still allocated above the baseline{after}")
 
 
 class _BenchmarkHooks:

@@ -44,4 +44,21 @@ def pipeline_scheduler(config: Any, log: Any, group_of: Callable[[str], str | No
             group = group_of(nodeid)
             return nodeid if group is None else f"quantgate-group:{group}"
 
+        def remove_node(self, node: Any) -> str | None:
+            # As LoadScopeScheduling's, except that the test running when the worker died is not
+            # queued again with the rest of its group: xdist reports it as failed, and a test
+            # that kills its worker (hung past its time budget, a crash in a kernel) would
+            # otherwise kill every replacement worker in turn, up to --max-worker-restart.
+            workload = self.assigned_work.pop(node)
+            if not self._pending_of(workload):
+                return None
+            crashitem = next(nodeid for unit in workload.values() for nodeid, done in unit.items() if not done)
+            for unit in workload.values():
+                if crashitem in unit:
+                    unit[crashitem] = True
+            self.workqueue.update({scope: unit for scope, unit in workload.items() if not all(unit.values())})
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return crashitem
+
     return PipelineGroupScheduling(config, log)

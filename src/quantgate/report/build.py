@@ -174,12 +174,20 @@ def _skips(runs: RunSet) -> Section:
         if o["outcome"] in ("skipped", "failed"):
             rows.append([o["nodeid"], o["outcome"], o.get("reason") or f"failed in {o.get('when')}"])
             classes.append("skip" if o["outcome"] == "skipped" else "fail")
-    leaks = [[r["pipeline"], f"{r['leaked_bytes'] / 2**20:.1f} MiB",
-              {True: "pass", False: "FAIL", None: "no gate"}[r.get("passed")]] for r in runs.releases]
+    leaks = [[r["pipeline"] + (" (load failed)" if r.get("failed_load") else ""), r.get("last_test") or "–",
+              f"{r['leaked_bytes'] / 2**20:.1f} MiB", {True: "pass", False: "FAIL", None: "no gate"}[r.get("passed")]]
+             for r in runs.releases]
     blocks = [Table(["test", "outcome", "reason"], rows, classes)] if rows else [Paragraph("Nothing skipped or failed.")]
+    if runs.timeouts:
+        blocks += [Paragraph("Tests stopped for exceeding their time budget (--quantgate-case-timeout):"),
+                   Table(["test", "case", "limit", "budget", "stopped after"],
+                         [[t["nodeid"], t.get("case") or "–", {"soft": "failed (soft)", "hard": "killed (hard)"}.get(
+                             t["kind"], t["kind"]), f"{t['budget_s']:g} s", f"{t['elapsed_s']:g} s"]
+                          for t in runs.timeouts], ["fail"] * len(runs.timeouts))]
     if leaks:
-        blocks += [Paragraph("GPU memory still allocated after each pipeline was released:"),
-                   Table(["pipeline", "left allocated", "verdict"], leaks)]
+        blocks += [Paragraph("GPU memory still allocated after each pipeline group was released, above what was "
+                             "allocated before it loaded (the last test of the group named):"),
+                   Table(["pipeline", "last test", "left allocated", "verdict"], leaks)]
     return Section("Skipped, failed and left behind", blocks)
 
 

@@ -40,6 +40,7 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
         "parts": [],
         "verdicts": [],
         "releases": [],
+        "timeouts": [],
         "outcomes": {},
     }
     for index, (path, part) in enumerate(zip(paths, parts)):
@@ -54,6 +55,7 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
         })
         merged["quantgate"]["verdicts"] += [{**v, "part": index} for v in q.get("verdicts", [])]
         merged["quantgate"]["releases"] += [{**r, "part": index} for r in q.get("releases", [])]
+        merged["quantgate"]["timeouts"] += [{**t, "part": index} for t in q.get("timeouts", [])]
         merged["quantgate"]["outcomes"].update({f"{node} (part {index})": o for node, o in q.get("outcomes", {}).items()})
         if q.get("evaluation"):  # quantgate eval results (report's Evaluation section)
             merged["quantgate"].setdefault("evaluation", []).extend({**e, "part": index} for e in q["evaluation"])
@@ -130,7 +132,7 @@ def merge_worker_runs(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     merged = copy.deepcopy(first)
     q = merged["quantgate"] = {k: v for k, v in copy.deepcopy(first["quantgate"]).items() if k != "worker"}
     merged["benchmarks"] = []
-    q.update(verdicts=[], artifacts=[], releases=[], outcomes={}, xdist={"workers": []})
+    q.update(verdicts=[], artifacts=[], releases=[], timeouts=[], outcomes={}, xdist={"workers": []})
     for worker in ids:
         part = parts[worker]
         info = part["quantgate"].get("worker", {"id": worker, "gpu": None})
@@ -143,6 +145,7 @@ def merge_worker_runs(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         q["verdicts"] += [{**v, **tag} for v in pq.get("verdicts", [])]
         q["artifacts"] += pq.get("artifacts", [])
         q["releases"] += [{**r, **tag} for r in pq.get("releases", [])]
+        q["timeouts"] += [{**t, **tag} for t in pq.get("timeouts", [])]
         q["outcomes"].update({node: {**o, **tag} for node, o in pq.get("outcomes", {}).items()})
         q["xdist"]["workers"].append({**tag, "benchmarks": len(part["benchmarks"]),
                                       "tests": len(pq.get("outcomes", {})), "datetime": part.get("datetime")})
