@@ -6,6 +6,10 @@ under their final name. It has no hook for writing, so at session start quantgat
 the two writers of this session's ``BenchmarkSession`` with ones that serialize the same way
 (pytest-benchmark's ``safe_dumps``) and rename into place through ``quantgate.atomic``.
 Other storage backends (elasticsearch) are left alone.
+
+This is a plugin module (``quantgate.plugin``'s ``pytest_plugins``): other modules import it
+inside functions, since importing it before pytest registers it makes pytest warn that it
+cannot rewrite its asserts.
 """
 
 from __future__ import annotations

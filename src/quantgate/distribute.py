@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from quantgate.benchmark_files import benchmark_json_path
 from quantgate.gpus import gpus_for_workers, parse_gpus, visible_gpus
 from quantgate.sharding import (
     SPREAD_UNITS,
@@ -292,6 +291,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         # pytest-benchmark writes nothing without a benchmark; a shard whose tests all skipped
         # still needs its file, or `quantgate merge` would count it as missing.
         from quantgate.atomic import atomic_write_json
+        from quantgate.benchmark_files import benchmark_json_path
 
         atomic_write_json(benchmark_json_path(bs.json), benchmark_json(config, []))
 
@@ -315,6 +315,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 def _write_merged(config: pytest.Config, bs: Any, state: Distribution) -> None:
     from quantgate.atomic import atomic_write_json
+    from quantgate.benchmark_files import benchmark_json_path
     from quantgate.report.merge import merge_worker_runs
 
     try:

@@ -40,9 +40,6 @@ from typing import Any
 
 import pytest
 
-from quantgate.benchmark_files import benchmark_json_path
-
-
 DEFAULT_BUDGET_S = 7200.0  # generous: the longest legitimate step (a FLUX.1-dev calibration) is under an hour
 DEFAULT_GRACE_S = 60.0
 
@@ -99,6 +96,8 @@ def partial_path(config: pytest.Config, worker: str | None = None) -> Path:
     if given:
         path = Path(given)
     else:
+        from quantgate.benchmark_files import benchmark_json_path
+
         bench_json = benchmark_json_path(config.getoption("benchmark_json", None))  # 5.2: an open file
         path = Path(f"{bench_json}.partial.json") if bench_json else Path("quantgate-partial.json")
     worker = worker or os.environ.get("PYTEST_XDIST_WORKER")
