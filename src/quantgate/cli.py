@@ -7,6 +7,7 @@
     quantgate summary BENCH.json          the report's Markdown twin on standard output
     quantgate compare OLD.json NEW.json   noise-aware comparison across commits; exit 1 on a regression
     quantgate merge A.json B.json -o M    join runs split over several commands into one JSON
+    quantgate regate RUN.json [--changed] a run's measured values against the current gates.toml
     quantgate golden MODEL --source tiny  write a model's golden images from its bf16 pipeline
     quantgate env                         GPU, driver, CUDA and library versions as JSON
     quantgate gptq calibrate|quantize|benchmark|samples MODEL
@@ -150,6 +151,16 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _regate(args: argparse.Namespace) -> int:
+    from quantgate.report.regate import as_text, exit_code, load_gates, recheck_run
+    from quantgate.report.runs import load_benchmark_json
+
+    book = load_gates(args.gates)
+    rows = [row for path in args.runs for row in recheck_run(str(path), load_benchmark_json(path), book)]
+    print(as_text(rows, changed_only=args.changed), end="")
+    return exit_code(rows)
+
+
 def _golden(args: argparse.Namespace) -> int:
     import torch
 
@@ -244,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing-shards", action="store_true",
                    help="merge the shards of a --quantgate-shard run even where some are missing (listed)")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("regate", help="re-check a run's measured values against the current gates; exit 1 on a failure")
+    p.add_argument("runs", nargs="+", help="benchmark JSON files written by quantgate runs")
+    p.add_argument("--gates", default="fixtures/gates.toml", help="the gates file (default: fixtures/gates.toml)")
+    p.add_argument("--changed", action="store_true", help="list only values whose verdict differs from the run's own")
+    p.set_defaults(func=_regate)
 
     p = sub.add_parser("golden", help="(re)write a model's golden images from its bf16 pipeline, atomically")
     p.add_argument("model", help="a registered model (quantgate models)")

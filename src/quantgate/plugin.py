@@ -29,7 +29,7 @@ from quantgate import __version__
 from quantgate.cases import Case, Selection, build_cases
 from quantgate.errors import ConfigFileError, QuantgateError, SourceInvalid, SourceUnavailable, UnknownNameError
 from quantgate.gates import GateBook, Verdict, format_value
-from quantgate.hardware import HARDWARE_CLASSES, DeviceInfo, cuda_available, device_info, machine_facts, no_cuda_reason
+from quantgate.hardware import DeviceInfo, cuda_available, device_info, machine_facts, no_cuda_reason
 from quantgate.measure.flops import bf16_matmul_peak_tflops
 from quantgate.measure.memory import synchronize, track_peak
 from quantgate.measure.timing import pedantic
@@ -40,6 +40,7 @@ from quantgate.pipeline import LoadedPipeline, PipelineCache, Release
 from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
+from quantgate.report.regate import gate_vocabulary
 from quantgate.report.runs import SCHEMA_VERSION
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
 from quantgate.sharding import pipeline_group
@@ -293,10 +294,8 @@ class QuantgateRun:
             if problems:
                 raise pytest.UsageError("\n".join(problems))
         gates_path = _display_path(Path(_option(config, "gates") or config.rootpath / "fixtures" / "gates.toml"))
-        vocabulary = {"model": model_names(), "scheme": scheme_names(), "source": list(SOURCES),
-                      "variant": list(VARIANTS), "hardware": HARDWARE_CLASSES}
         try:
-            gates = GateBook.load(gates_path, vocabulary)
+            gates = GateBook.load(gates_path, gate_vocabulary())
         except ConfigFileError as exc:
             raise pytest.UsageError(str(exc)) from None
         return cls(
