@@ -30,7 +30,7 @@ else:  # pragma: no cover
 class Metric:
     """A quantity gates can bound, with its unit for messages."""
 
-    unit: str  # "x" (ratio), "bytes", "s", "fraction", "dB"
+    unit: str  # "x" (ratio), "bytes", "s", "fraction", "dB", "count"
     description: str
     better: str = "higher"  # which direction is an improvement, for comparisons across runs
 
@@ -50,6 +50,9 @@ METRICS: dict[str, Metric] = {
         "bytes", "peak bytes allocated by torch on the GPU during the timed prompt-to-image rounds", better="lower"),
     "timing_disagreement_vs_cuda_events": Metric(
         "fraction", "|suite median - CUDA-event median| / CUDA-event median for the same transformer forward", better="lower"),
+    "dynamo_compiles_in_timed_rounds": Metric(
+        "count", "graphs torch.compile built during the timed rounds (after the first call and the warm-up)",
+        better="lower"),
     "image_psnr_db_vs_reference": Metric(
         "dB", "PSNR of the images against the reference (golden set, else bf16 eager of this session)"),
     "image_ssim_vs_reference": Metric(
@@ -125,6 +128,8 @@ def format_value(value: float, unit: str) -> str:
         return f"{value:.4f} s"
     if unit == "dB":
         return f"{value:.2f} dB"
+    if unit == "count":
+        return f"{int(value)}"
     return f"{value:.4g}"
 
 

@@ -588,6 +588,7 @@ class Bench:
     """Times a callable for one case and records what a reader of the JSON needs."""
 
     def __init__(self, benchmark: Any, case: Case, loaded: LoadedPipeline, run: QuantgateRun):
+        self.compiles_in_timed_rounds = 0  # set by each call
         self.benchmark, self.case, self.loaded, self.run = benchmark, case, loaded, run
 
     def __call__(self, scope: str, fn: Callable[[], T], flops_scope: str | None = None) -> T:
@@ -605,8 +606,11 @@ class Bench:
         fn()
         synchronize(case.device)
         first_call = time.perf_counter() - start
+        compiles = CompilesInTimedRounds(fn, warmup_rounds=run.warmup_rounds)
         with track_peak(case.device) as peak:
-            result = pedantic(self.benchmark, fn, case.device, rounds=run.rounds, warmup_rounds=run.warmup_rounds)
+            result = pedantic(self.benchmark, compiles, case.device, rounds=run.rounds,
+                              warmup_rounds=run.warmup_rounds)
+        self.compiles_in_timed_rounds = compiles.count
         stats = self.benchmark.stats.stats if self.benchmark.stats is not None else None
         flops = self.loaded.flops(case, flops_scope or scope)
         peak_tflops = run.bf16_peak_tflops(case.device)
@@ -622,6 +626,7 @@ class Bench:
             "warmup_rounds": run.warmup_rounds,
             "first_call_seconds": round(first_call, 4),
             "dynamo_graph_breaks": _graph_breaks() - breaks_before,
+            "dynamo_compiles_in_timed_rounds": compiles.count,
             "denoiser_flops_per_call": flops,
             "achieved_tflops": None if achieved is None else round(achieved, 2),
             "bf16_peak_tflops_measured": None if peak_tflops is None else round(peak_tflops, 1),
@@ -636,6 +641,36 @@ class Bench:
             run.records.add(Measurement(case, scope, stats.median, {k: getattr(stats, k) for k in
                                         ("min", "max", "mean", "median", "iqr", "stddev")}, peak.peak_allocated))
         return result
+
+
+class CompilesInTimedRounds:
+    """``fn``, counting the graphs torch.compile builds from the first timed round on.
+
+    A compile variant compiles in its first call and, at the latest, in the warm-up; a graph
+    built during a timed round means a guard failed again (a recompile), and that round timed
+    the compiler rather than the model.
+    """
+
+    def __init__(self, fn: Callable[[], T], warmup_rounds: int):
+        self.fn, self.warmup_rounds, self.calls = fn, warmup_rounds, 0
+        self.start: int | None = None
+        self.count = 0
+
+    def __call__(self) -> T:
+        if self.calls == self.warmup_rounds:
+            self.start = _compiled_graphs()
+        self.calls += 1
+        try:
+            return self.fn()
+        finally:
+            if self.start is not None:
+                self.count = _compiled_graphs() - self.start
+
+
+def _compiled_graphs() -> int:
+    import torch._dynamo.utils
+
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def _graph_breaks() -> int:

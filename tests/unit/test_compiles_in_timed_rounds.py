@@ -1,0 +1,21 @@
+"""A graph torch.compile builds during a timed round is counted (it timed the compiler)."""
+
+import torch
+
+from quantgate.plugin import CompilesInTimedRounds
+
+
+def _calls(shapes, warmup_rounds):
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    shapes = iter(shapes)
+    counted = CompilesInTimedRounds(lambda: double(torch.ones(next(shapes))), warmup_rounds=warmup_rounds)
+    for _ in range(4):
+        counted()
+    return counted.count
+
+
+def test_compiles_in_the_warm_up_are_not_counted_and_recompiles_in_timed_rounds_are():
+    assert _calls([3, 3, 3, 3], warmup_rounds=1) == 0  # compiled once, in the first (warm-up) call
+    assert _calls([3, 4, 3, 3], warmup_rounds=2) == 0  # the second graph was built during the warm-up
+    assert _calls([3, 3, 4, 5], warmup_rounds=1) == 2  # a new shape in two timed rounds: two graphs
