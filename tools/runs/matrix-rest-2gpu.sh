@@ -12,7 +12,7 @@
 #   int4-wo and sparse24-int8-dq (with bf16 eager for the speedups); GPU 1 the 16 GiB budget run
 #   (tools/runs/budget-16g.sh).
 # Each test has a time budget (CASE_TIMEOUT_S, default 300 s: a quantized FLUX compile took up to
-# 135 s): a case that does not settle (int8-wo + compile took a minute a call on the H200) fails
+# 135 s): a case that does not settle (int8-wo + compile: a 61.6 s timed round on the H200) fails
 # with the budget's message and the session goes on to the next case.
 # Usage: PART=eager|compile tools/runs/matrix-rest-2gpu.sh OUTDIR
 set -u
