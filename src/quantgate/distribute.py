@@ -309,8 +309,18 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
         from quantgate.timeouts import partial_path
 
         partial = partial_path(node.config, node.gateway.id)  # written if the time budget killed it
-        found = f" (its partial results: {partial})" if partial.is_file() else ""
-        state.worker_errors.append(f"{node.gateway.id}: {error}{found}")
+        if partial.is_file():
+            # What the worker finished before the hang belongs in the run's JSON too.
+            try:
+                state.worker_parts[node.gateway.id] = json.loads(partial.read_text())
+            except (OSError, ValueError) as exc:
+                state.worker_errors.append(f"{node.gateway.id}: {error} (its partial results {partial} are "
+                                           f"unreadable: {exc})")
+            else:
+                state.messages.append((f"xdist worker {node.gateway.id} was killed ({error}); what it finished "
+                                       f"is merged from its partial results {partial}", True))
+        else:
+            state.worker_errors.append(f"{node.gateway.id}: {error}")
 
 
 def _write_merged(config: pytest.Config, bs: Any, state: Distribution) -> None:

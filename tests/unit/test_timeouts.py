@@ -152,4 +152,13 @@ def test_under_xdist_the_killed_worker_is_reported_against_the_hung_test_and_the
     result.assert_outcomes(passed=2, failed=1)  # test_after ran on the replacement worker
     (partial,) = pytester.path.glob("out.json.partial-gw*.json")  # one worker killed, once
     assert json.loads(partial.read_text())["quantgate"]["partial"]["hung_test"] == hung
-    result.stdout.fnmatch_lines([f"quantgate: xdist worker gw*: * (its partial results: {partial}) sent no results*"])
+    killed = partial.name.removeprefix("out.json.partial-").removesuffix(".json")
+    result.stdout.fnmatch_lines([f"quantgate: xdist worker {killed} was killed (*); what it finished is merged from "
+                                 f"its partial results {partial}"])
+    # Nothing finished is lost: test_before's timing (on the killed worker) is in the run's JSON.
+    merged = json.loads((pytester.path / "out.json").read_text())
+    (before,) = [b for b in merged["benchmarks"] if b["name"].startswith("test_before")]
+    assert before["extra_info"]["quantgate_worker"] == killed and before["stats"]["rounds"] == 1
+    killed_in = {w["worker"]: w.get("killed_in") for w in merged["quantgate"]["xdist"]["workers"]}
+    assert killed_in.pop(killed) == hung and set(killed_in.values()) == {None}  # the others: gw0/gw1, a replacement
+    assert merged["quantgate"]["outcomes"][f"test_hard.py::test_after[{CASE}]"]["outcome"] == "passed"

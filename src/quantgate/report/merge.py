@@ -123,8 +123,11 @@ def merge_worker_runs(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if not parts:
         raise ValueError("no worker sent results")
     ids = sorted(parts, key=lambda w: (len(w), w))
-    first = parts[ids[0]]
-    for worker in ids[1:]:
+    # A killed worker's partial results (quantgate.timeouts) carry no full machine_info; they
+    # come from this session's own workers, so they are merged without the machine check.
+    complete = [w for w in ids if "partial" not in parts[w]["quantgate"]] or ids
+    first = parts[complete[0]]
+    for worker in complete[1:]:
         for key in _SAME_MACHINE:
             if parts[worker]["machine_info"].get(key) != first["machine_info"].get(key):
                 raise ValueError(f"xdist worker {worker} ran on another machine than {ids[0]}: machine_info[{key!r}] "
@@ -148,5 +151,6 @@ def merge_worker_runs(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         q["timeouts"] += [{**t, **tag} for t in pq.get("timeouts", [])]
         q["outcomes"].update({node: {**o, **tag} for node, o in pq.get("outcomes", {}).items()})
         q["xdist"]["workers"].append({**tag, "benchmarks": len(part["benchmarks"]),
-                                      "tests": len(pq.get("outcomes", {})), "datetime": part.get("datetime")})
+                                      "tests": len(pq.get("outcomes", {})), "datetime": part.get("datetime"),
+                                      **({"killed_in": pq["partial"]["hung_test"]} if "partial" in pq else {})})
     return merged
