@@ -3,6 +3,7 @@ the generation settings it runs with. Pure data, built from the user's selection
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -103,3 +104,33 @@ def build_cases(selection: Selection, choose_source: Callable[[ModelSpec, str], 
                     for batch in batches:
                         cases.append(make_case(spec, source, scheme, variant, batch, device, selection))
     return cases
+
+
+def selector_vocabulary() -> dict[str, list[Any]]:
+    """The valid value of each attribute a gates.toml selector matches, from the registries."""
+    from quantgate.hardware import HARDWARE_CLASSES
+    from quantgate.models import model_names
+    from quantgate.schemes import scheme_names
+    from quantgate.variants import VARIANTS
+
+    return {"model": model_names(), "scheme": scheme_names(), "source": list(SOURCES),
+            "variant": list(VARIANTS), "hardware": list(HARDWARE_CLASSES)}
+
+
+def case_attrs_from_id(case_id: str) -> dict[str, Any] | None:
+    """The attributes behind a case id (the inverse of ``Case.id``), read against the
+    registries, whose names may hold hyphens; None if no registered combination makes it."""
+    vocabulary = selector_vocabulary()
+    for model in vocabulary["model"]:
+        for source in vocabulary["source"]:
+            prefix = f"{model}-{source}-"
+            if not case_id.startswith(prefix):
+                continue
+            for scheme in vocabulary["scheme"]:
+                for variant in vocabulary["variant"]:
+                    found = re.fullmatch(rf"{re.escape(scheme)}-{re.escape(variant)}-b(\d+)-(\w+)",
+                                         case_id[len(prefix):])
+                    if found:
+                        return {"model": model, "source": source, "scheme": scheme, "variant": variant,
+                                "batch": int(found.group(1)), "device": found.group(2)}
+    return None

@@ -26,13 +26,13 @@ from typing import Any, TypeVar
 import pytest
 
 from quantgate import __version__
-from quantgate.cases import Case, Selection, build_cases
+from quantgate.cases import Case, Selection, build_cases, selector_vocabulary
 from quantgate.errors import ConfigFileError, QuantgateError, SourceInvalid, SourceUnavailable, UnknownNameError
 from quantgate.gates import GateBook, Verdict, format_value
 from quantgate.hardware import DeviceInfo, cuda_available, device_info, machine_facts, no_cuda_reason
 from quantgate.measure.flops import bf16_matmul_peak_tflops
 from quantgate.measure.memory import synchronize, track_peak
-from quantgate.measure.timing import pedantic
+from quantgate.measure.timing import CompilesInTimedRounds, pedantic
 from quantgate.models import ModelSpec, get_model, model_names
 from quantgate.models.registry import load_models
 from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
@@ -40,7 +40,6 @@ from quantgate.pipeline import LoadedPipeline, PipelineCache, Release
 from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
-from quantgate.report.regate import gate_vocabulary
 from quantgate.report.runs import SCHEMA_VERSION
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
 from quantgate.sharding import pipeline_group
@@ -295,7 +294,7 @@ class QuantgateRun:
                 raise pytest.UsageError("\n".join(problems))
         gates_path = _display_path(Path(_option(config, "gates") or config.rootpath / "fixtures" / "gates.toml"))
         try:
-            gates = GateBook.load(gates_path, gate_vocabulary())
+            gates = GateBook.load(gates_path, selector_vocabulary())
         except ConfigFileError as exc:
             raise pytest.UsageError(str(exc)) from None
         return cls(
@@ -641,36 +640,6 @@ class Bench:
             run.records.add(Measurement(case, scope, stats.median, {k: getattr(stats, k) for k in
                                         ("min", "max", "mean", "median", "iqr", "stddev")}, peak.peak_allocated))
         return result
-
-
-class CompilesInTimedRounds:
-    """``fn``, counting the graphs torch.compile builds from the first timed round on.
-
-    A compile variant compiles in its first call and, at the latest, in the warm-up; a graph
-    built during a timed round means a guard failed again (a recompile), and that round timed
-    the compiler rather than the model.
-    """
-
-    def __init__(self, fn: Callable[[], T], warmup_rounds: int):
-        self.fn, self.warmup_rounds, self.calls = fn, warmup_rounds, 0
-        self.start: int | None = None
-        self.count = 0
-
-    def __call__(self) -> T:
-        if self.calls == self.warmup_rounds:
-            self.start = _compiled_graphs()
-        self.calls += 1
-        try:
-            return self.fn()
-        finally:
-            if self.start is not None:
-                self.count = _compiled_graphs() - self.start
-
-
-def _compiled_graphs() -> int:
-    import torch._dynamo.utils
-
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def _graph_breaks() -> int:

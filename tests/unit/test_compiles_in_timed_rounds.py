@@ -2,7 +2,7 @@
 
 import torch
 
-from quantgate.plugin import CompilesInTimedRounds
+from quantgate.measure.timing import CompilesInTimedRounds
 
 
 def _calls(shapes, warmup_rounds):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from quantgate.cli import main
-from quantgate.report.regate import case_attrs, exit_code, gate_vocabulary, load_gates, recheck_run
+from quantgate.cases import case_attrs_from_id
+from quantgate.report.regate import exit_code, load_gates, recheck_run
 from tests.conftest import REPO
 
 GATES = """
@@ -48,12 +49,10 @@ def test_a_value_without_a_gate_stays_ungated_and_an_unknown_metric_is_left_out(
 
 
 def test_old_records_without_attributes_are_read_from_their_case_id():
-    vocabulary = gate_vocabulary()
-    attrs = case_attrs({"case": "sd35-medium-synthetic-sparse24-int8-dq-group-offload-b16-cuda", "hardware": "hopper"},
-                       vocabulary)
+    attrs = case_attrs_from_id("sd35-medium-synthetic-sparse24-int8-dq-group-offload-b16-cuda")
     assert attrs == {"model": "sd35-medium", "source": "synthetic", "scheme": "sparse24-int8-dq",
-                     "variant": "group-offload", "batch": 16, "hardware": "hopper"}
-    assert case_attrs({"case": "sdxl-synthetic-bf16-eager-b1-cuda"}, vocabulary) is None
+                     "variant": "group-offload", "batch": 16, "device": "cuda"}
+    assert case_attrs_from_id("sdxl-synthetic-bf16-eager-b1-cuda") is None
 
 
 def test_the_command_prints_measured_and_required_and_fails_on_a_failure(tmp_path, capsys):

@@ -49,3 +49,33 @@ def cuda_event_times(fn: Callable[[], Any], device: str, *, rounds: int, warmup_
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return times
+
+
+class CompilesInTimedRounds:
+    """``fn``, counting the graphs torch.compile builds from the first timed round on.
+
+    A compile variant compiles in its first call and, at the latest, in the warm-up; a graph
+    built during a timed round means a guard failed again (a recompile), and that round timed
+    the compiler rather than the model.
+    """
+
+    def __init__(self, fn: Callable[[], T], warmup_rounds: int):
+        self.fn, self.warmup_rounds, self.calls = fn, warmup_rounds, 0
+        self.start: int | None = None
+        self.count = 0
+
+    def __call__(self) -> T:
+        if self.calls == self.warmup_rounds:
+            self.start = _compiled_graphs()
+        self.calls += 1
+        try:
+            return self.fn()
+        finally:
+            if self.start is not None:
+                self.count = _compiled_graphs() - self.start
+
+
+def _compiled_graphs() -> int:
+    import torch._dynamo.utils
+
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])

@@ -8,53 +8,22 @@ checked against the GPU evidence already committed before it blocks anyone's mer
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantgate.cases import selector_vocabulary
 from quantgate.gates import METRICS, GateBook, Verdict, format_value
+from quantgate.report.runs import complete_verdicts
 
 # The attributes gates.toml selectors match on; a verdict record carries each of them.
 SELECTOR_KEYS = ("model", "source", "scheme", "variant", "batch", "hardware")
 
 
-def gate_vocabulary() -> dict[str, list[Any]]:
-    """The valid value of each selector, from the registries (as the plugin checks gates.toml)."""
-    from quantgate.hardware import HARDWARE_CLASSES
-    from quantgate.models import model_names
-    from quantgate.models.sources import SOURCES
-    from quantgate.schemes import scheme_names
-    from quantgate.variants import VARIANTS
-
-    return {"model": model_names(), "scheme": scheme_names(), "source": list(SOURCES),
-            "variant": list(VARIANTS), "hardware": list(HARDWARE_CLASSES)}
-
-
 def load_gates(path: str | Path) -> GateBook:
     """``path`` read and validated as the plugin does."""
-    return GateBook.load(path, gate_vocabulary())
-
-
-def case_attrs(record: Mapping[str, Any], vocabulary: Mapping[str, list[Any]]) -> dict[str, Any] | None:
-    """The selector attributes of a verdict record: its own fields, or (runs before they were
-    recorded) read from its case id ``{model}-{source}-{scheme}-{variant}-b{batch}-{device}``."""
-    if all(key in record for key in SELECTOR_KEYS):
-        return {key: record[key] for key in SELECTOR_KEYS}
-    case = record.get("case", "")
-    for model in vocabulary["model"]:
-        for source in vocabulary["source"]:
-            prefix = f"{model}-{source}-"
-            if not case.startswith(prefix):
-                continue
-            for scheme in vocabulary["scheme"]:
-                for variant in vocabulary["variant"]:
-                    found = re.fullmatch(rf"{re.escape(scheme)}-{re.escape(variant)}-b(\d+)-\w+", case[len(prefix):])
-                    if found:
-                        return {"model": model, "source": source, "scheme": scheme, "variant": variant,
-                                "batch": int(found.group(1)), "hardware": record.get("hardware")}
-    return None
+    return GateBook.load(path, selector_vocabulary())
 
 
 @dataclass(frozen=True)
@@ -84,15 +53,13 @@ class Recheck:
 def recheck_run(label: str, data: Mapping[str, Any], book: GateBook) -> list[Recheck]:
     """Every value in ``data['quantgate']['verdicts']`` checked against ``book``."""
     rows = []
-    vocabulary = gate_vocabulary()
-    for record in data.get("quantgate", {}).get("verdicts", []):
+    for record in complete_verdicts(data.get("quantgate", {}).get("verdicts", [])):
         metric = record.get("metric")
         if metric not in METRICS:
             continue  # a metric this quantgate does not know (an older or newer run): nothing to check
-        attrs = case_attrs(record, vocabulary)
-        if attrs is None:
+        if not all(key in record for key in SELECTOR_KEYS):
             continue  # a case id this quantgate cannot read (another registry): nothing to match
-        gate = book.lookup(metric, attrs)
+        gate = book.lookup(metric, {key: record[key] for key in SELECTOR_KEYS})
         value = float(record["value"])
         rows.append(Recheck(run=label, nodeid=record.get("nodeid", ""), case=record.get("case", ""),
                             metric=metric, value=value, then_passed=record.get("passed"),

@@ -1,7 +1,7 @@
 """Benchmark JSON files of quantgate runs, read into results a report or a comparison uses.
 
 Older files (before verdicts and outcomes carried their case's attributes) are completed from
-the benchmarks of the same case id.
+the benchmarks of the same case id, and verdicts without one from the case id itself.
 """
 
 from __future__ import annotations
@@ -161,6 +161,16 @@ def _case_ids(results: Iterable[Result]) -> dict[str, dict[str, Any]]:
     return {r.case_id: {k: getattr(r, k) for k in CASE_FIELDS} for r in results}
 
 
+def complete_verdicts(verdicts: Iterable[dict[str, Any]],
+                      ids: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Verdict records with their case's attributes: their own where recorded, else those of a
+    benchmark of the same case id (``ids``), else read from the case id itself."""
+    from quantgate.cases import case_attrs_from_id
+
+    ids = ids or {}
+    return [{**(ids.get(v.get("case")) or case_attrs_from_id(v.get("case", "")) or {}), **v} for v in verdicts]
+
+
 def _node_case(node: str) -> str | None:
     found = re.search(r"\[([^\]]+)\]", node)
     return found.group(1) if found else None
@@ -174,10 +184,7 @@ def load_runs(paths: list[str | Path]) -> RunSet:
     results = [r for r in (result_from_benchmark(b) for b in data["benchmarks"]) if r is not None]
     ids = _case_ids(results)
     q = data["quantgate"]
-    verdicts = []
-    for v in q.get("verdicts", []):
-        completed = {**ids.get(v.get("case"), {}), **v}
-        verdicts.append(completed)
+    verdicts = complete_verdicts(q.get("verdicts", []), ids)
     outcomes = []
     for node, o in q.get("outcomes", {}).items():
         record = {"nodeid": node, **o}
