@@ -20,30 +20,7 @@ out=${1:?usage: PART=eager|compile tools/runs/matrix-rest-2gpu.sh OUTDIR}
 bound=${PART_S:-540}
 flux=flux-schnell-synthetic sd=sd35-medium-synthetic
 
-ids() {  # ids FILE::TEST PREFIX SUFFIX SCHEME... -> one node id per scheme
-  local test=$1 prefix=$2 suffix=$3; shift 3
-  for s in "$@"; do printf '%s[%s-%s-%s]\n' "$test" "$prefix" "$s" "$suffix"; done
-}
-quality() {  # quality PREFIX SCHEME... -> the four quality tests of each eager case
-  local prefix=$1; shift
-  for t in test_images_match_the_reference test_transformer_output_matches_bf16 \
-           test_images_lpips_vs_reference test_clip_score_vs_reference; do
-    ids "tests/test_quality.py::$t" "$prefix" eager-b1-cuda "$@"
-  done
-}
-e2e() {  # e2e PREFIX VARIANT SCHEME... -> image latency, its speedup over bf16 eager, peak memory
-  local prefix=$1 variant=$2; shift 2
-  ids tests/test_end_to_end.py::test_prompt_to_image "$prefix" "$variant-b1-cuda" "$@"
-  ids tests/test_end_to_end.py::test_end_to_end_speedup "$prefix" "$variant-b1-cuda-bf16" "$@"
-  ids tests/test_end_to_end.py::test_end_to_end_peak_memory "$prefix" "$variant-b1-cuda" "$@"
-}
-session() {  # session GPU NAME ARGS... -> one bounded reference run on one GPU, in the background
-  local gpu=$1 name=$2; shift 2
-  CUDA_VISIBLE_DEVICES=$gpu timeout -s INT -k 30 "$bound" tools/reference-run.sh "$out/$name" \
-    --quantgate-source synthetic --quantgate-calibration-samples "${CALIBRATION_SAMPLES:-8}" \
-    --quantgate-quality-prompts 2 --quantgate-case-timeout "${CASE_TIMEOUT_S:-300}" -rs "$@" \
-    > "$out/$name.console" 2>&1 &
-}
+. tools/runs/lib.sh
 
 mkdir -p "$out"
 case "${PART:?set PART=eager or PART=compile}" in
@@ -61,10 +38,7 @@ case "${PART:?set PART=eager or PART=compile}" in
       --quantgate-schemes bf16,int8-dq,int4-wo,sparse24-int8-dq,fp8-row,fp8-tensor "${b[@]}"
     ;;
   compile)
-    mapfile -t a < <(ids tests/test_performance.py::test_transformer_forward $flux b1-cuda \
-                       bf16-eager fp8-tensor-compile int8-wo-compile sparse24-int8-dq-compile int4-wo-compile
-                     ids tests/test_performance.py::test_transformer_speedup $flux b1-cuda-bf16 \
-                       fp8-tensor-compile int8-wo-compile sparse24-int8-dq-compile int4-wo-compile)
+    mapfile -t a < <(forward $flux 1 fp8-tensor-compile int8-wo-compile sparse24-int8-dq-compile int4-wo-compile)
     session 0 flux-compile --quantgate-models flux-schnell --quantgate-variants eager,compile \
       --quantgate-schemes bf16,fp8-tensor,int8-wo,sparse24-int8-dq,int4-wo "${a[@]}"
     CUDA_VISIBLE_DEVICES=1 PART_S=$bound tools/runs/budget-16g.sh "$out/budget" > "$out/budget.console" 2>&1 &
