@@ -138,6 +138,29 @@ def _loads_on_cpu(variant: Any, scheme: Any) -> bool:
     return variant.loads_on_cpu and scheme.offline_quantization is None
 
 
+def component_quantization(config: Any, name: str) -> Any:
+    """The quantization config a diffusers ``PipelineQuantizationConfig`` gives component ``name``, or None."""
+    if config is None:
+        return None
+    mapping = getattr(config, "quant_mapping", None)
+    if mapping is None:  # the quant_backend form: diffusers resolves it per component itself
+        raise PipelineBuildError(f"{type(config).__name__} without quant_mapping cannot be applied to one component")
+    return mapping.get(name)
+
+
+def _load_denoiser_on_device(spec: ModelSpec, source: ResolvedSource, config: Any, device: str) -> Any:
+    # The denoiser loads (and quantizes) straight onto the device while the rest of the pipeline
+    # stays on the CPU: a quantized tensor subclass is never moved between devices (torchao
+    # 0.18's Float8Tensor cannot be under torch 2.11: its aten.to fixes up storage aliasing
+    # across devices, which torch refuses), and the bf16 weights never sit on the GPU whole.
+    kwargs: dict[str, Any] = {_dtype_kwarg(): torch.bfloat16, "local_files_only": True, "use_safetensors": True,
+                              "subfolder": spec.denoiser, "device_map": device}
+    quantization = component_quantization(config, spec.denoiser)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    return spec.component(spec.denoiser).load_class().from_pretrained(source.path, **kwargs)
+
+
 def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettings | None = None) -> LoadedPipeline:
     """Resolve the case's source, load it with its scheme on its device, apply its variant.
 
@@ -162,6 +185,10 @@ def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettin
     start = time.perf_counter()
     for name, build in plan.components.items():  # components the scheme loads itself
         kwargs[name] = build(case.device)
+    if variant.denoiser_on_device and _loads_on_cpu(variant, scheme) and spec.denoiser not in kwargs:
+        kwargs[spec.denoiser] = _load_denoiser_on_device(spec, source, plan.config, case.device)
+        if set(getattr(plan.config, "quant_mapping", None) or ()) <= {spec.denoiser}:
+            kwargs.pop("quantization_config", None)  # nothing left for it to quantize
     pipe = spec.pipeline_class().from_pretrained(source.path, **kwargs)
     synchronize(case.device)
     load_seconds = time.perf_counter() - start

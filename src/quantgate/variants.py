@@ -37,6 +37,8 @@ class Variant:
     # them): the variant moves modules itself, and a model larger than a budget cannot load
     # onto the GPU first.
     loads_on_cpu: bool = False
+    # With ``loads_on_cpu``: the denoiser alone loads (and quantizes) on the device.
+    denoiser_on_device: bool = False
     devices: frozenset[str] = field(default_factory=lambda: frozenset({"cpu", "cuda"}))
     why_devices: str = ""
 
@@ -73,9 +75,11 @@ VARIANTS: dict[str, Variant] = {
 # -- CPU offload: baselines under a GPU budget (quantgate.offload) ---------------------------
 
 
-def _offload(name: str, summary: str, prepare: Callable[[Any, str], dict[str, Any]]) -> Variant:
+def _offload(name: str, summary: str, prepare: Callable[[Any, str], dict[str, Any]],
+             denoiser_on_device: bool = False) -> Variant:
     return Variant(name, summary, lambda denoiser: {}, prepare=prepare, loads_on_cpu=True,
-                   devices=frozenset({"cuda"}), why_devices=offload.WHY_GPU_ONLY)
+                   denoiser_on_device=denoiser_on_device, devices=frozenset({"cuda"}),
+                   why_devices=offload.WHY_GPU_ONLY)
 
 
 VARIANTS.update({v.name: v for v in (
@@ -85,6 +89,8 @@ VARIANTS.update({v.name: v for v in (
              offload.sequential_offload),
     _offload("group-offload", "diffusers group offloading: one transformer block per group, streamed ahead of use",
              offload.group_offload),
+    _offload("encoder-offload", "text encoders streamed from the CPU layer by layer (diffusers group offloading); "
+             "the denoiser and VAE stay on the GPU", offload.encoder_offload, denoiser_on_device=True),
 )})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from quantgate.pipeline import load_pipeline
 from quantgate.variants import Variant, get_variant
 from tests.conftest import REPO
 
-OFFLOADS = ("model-offload", "sequential-offload", "group-offload")
+OFFLOADS = ("model-offload", "sequential-offload", "group-offload", "encoder-offload")
 
 
 @pytest.mark.parametrize("name", OFFLOADS)
@@ -92,3 +93,79 @@ def test_offload_variants_skip_on_the_cpu_tier_with_the_reason(pytester, tiny_ca
                                 "--quantgate-variants=model-offload")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*variant model-offload runs only on cuda: diffusers' offload hooks*"])
+
+
+def _on_cpu(variant: Variant) -> Variant:
+    from dataclasses import replace
+
+    return replace(variant, devices=frozenset({"cpu", "cuda"}))  # the same steps, with the CPU as "device"
+
+
+def test_encoder_offload_streams_the_text_encoders_and_leaves_the_image_unchanged(tiny_cache, monkeypatch):
+    monkeypatch.setitem(variants.VARIANTS, "encoder-offload", _on_cpu(get_variant("encoder-offload")))
+    spec = get_model("flux-schnell")
+    selection = Selection(models=[spec.name], schemes=["bf16"])
+    ctx = SourceContext(cache_dir=tiny_cache)
+    offloaded = load_pipeline(make_case(spec, "tiny", "bf16", "encoder-offload", 1, "cpu", selection), ctx)
+    eager_case = make_case(spec, "tiny", "bf16", "eager", 1, "cpu", selection)
+    eager = load_pipeline(eager_case, ctx)
+
+    assert offloaded.notes["offloaded_components"] == ["text_encoder", "text_encoder_2"]
+    assert offloaded.notes["offload_call"] == "diffusers.hooks.apply_group_offloading"
+    assert offloaded.notes["offload_options"] == {"offload_type": "leaf_level", "use_stream": False}  # no stream on CPU
+    from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook
+
+    pipe = offloaded.pipe
+    assert all(_get_top_level_group_offload_hook(m) is not None for m in (pipe.text_encoder, pipe.text_encoder_2))
+    assert all(_get_top_level_group_offload_hook(m) is None for m in (pipe.transformer, pipe.vae))
+    assert pipe._execution_device == torch.device("cpu")  # from the hooks: latents are made there
+    np.testing.assert_array_equal(offloaded.generate(eager_case, ["a red cube"], seed=0),
+                                  eager.generate(eager_case, ["a red cube"], seed=0))
+
+
+def test_encoder_offload_loads_the_denoiser_on_the_device_with_its_scheme_and_the_rest_on_the_cpu(
+        tiny_cache, monkeypatch):
+    import quantgate.pipeline as pipeline_module
+
+    loaded_with = {}
+    real = pipeline_module._load_denoiser_on_device
+
+    def spy(spec, source, config, device):
+        loaded_with.update(config=config, device=device)
+        return real(spec, source, config, device)
+
+    monkeypatch.setattr(pipeline_module, "_load_denoiser_on_device", spy)
+    monkeypatch.setitem(variants.VARIANTS, "encoder-offload", _on_cpu(get_variant("encoder-offload")))
+    spec = get_model("flux-schnell")
+    case = make_case(spec, "tiny", "int8-wo", "encoder-offload", 1, "cpu",
+                     Selection(models=[spec.name], schemes=["int8-wo"]))
+    loaded = load_pipeline(case, SourceContext(cache_dir=tiny_cache))
+    assert loaded_with["device"] == "cpu"
+    assert set(loaded_with["config"].quant_mapping) == {"transformer"}
+    assert loaded.denoiser_footprint.by_dtype.get("int8", 0) > 0  # quantized by the scheme's own config
+    assert loaded.pipe.hf_device_map is None  # the rest loaded without a device map
+
+
+def test_component_quantization_reads_the_mapping_and_refuses_the_backend_form():
+    from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig
+
+    from quantgate.errors import PipelineBuildError
+    from quantgate.pipeline import component_quantization
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": nf4})
+    assert component_quantization(config, "transformer") is nf4
+    assert component_quantization(config, "vae") is None
+    assert component_quantization(None, "transformer") is None
+    backend_form = PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", quant_kwargs={"load_in_4bit": True},
+                                              components_to_quantize=["transformer"])
+    with pytest.raises(PipelineBuildError, match="without quant_mapping"):
+        component_quantization(backend_form, "transformer")
+
+
+def test_encoder_offload_refuses_a_pipeline_without_a_text_encoder():
+    class Pipe:
+        components = {"transformer": torch.nn.Linear(2, 2)}
+
+    with pytest.raises(ValueError, match="no transformers text encoder"):
+        offload.encoder_offload(Pipe(), "cpu")

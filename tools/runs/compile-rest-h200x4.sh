@@ -11,9 +11,10 @@
 #                -s so the log reaches the console rather than a captured report).
 #         GPU 2: the 16 GiB budget run (tools/runs/budget-16g.sh).
 #         GPU 3: SD3.5 Medium fp8-row + compile: transformer forward, end to end, speedups.
-# PART=2  FLUX at batch 16 compiled: GPU 0 bf16 and fp8-row, GPU 1 sparse24-int8-dq and int8-dq
-#         (2:4 + INT8 is claimed from batch 16 up), GPU 2 bnb-nf4 eager and compiled, GPU 3
-#         SD3.5 fp8-row + compile again if PART=1 did not finish it (RETRY_SD35=1).
+# PART=2  FLUX at batch 16 compiled: GPU 0 bf16 and fp8-row, GPU 1 sparse24-int8-dq (2:4 + INT8
+#         is claimed from batch 16 up). GPU 2 the 16 GiB budget run again, quantized schemes with
+#         the transformer resident and the text encoders streamed (encoder-offload). GPU 3 SD3.5
+#         fp8-row + compile end to end (PART=1 ran out of time compiling it at transformer scope).
 # Every session times bf16 eager at its batch itself, so each speedup has its baseline in the
 # same process and on the same GPU.
 # Usage: PART=1|2 tools/runs/compile-rest-h200x4.sh OUTDIR
@@ -49,18 +50,13 @@ case "${PART:?set PART=1 or PART=2}" in
     mapfile -t a < <(forward $flux 16 bf16-compile fp8-row-compile)
     session 0 flux-b16-fp8 --quantgate-models flux-schnell --quantgate-batch 16 \
       --quantgate-variants eager,compile --quantgate-schemes bf16,fp8-row "${a[@]}"
-    mapfile -t b < <(forward $flux 16 sparse24-int8-dq-compile int8-dq-compile)
-    session 1 flux-b16-int8 --quantgate-models flux-schnell --quantgate-batch 16 \
-      --quantgate-variants eager,compile --quantgate-schemes bf16,sparse24-int8-dq,int8-dq "${b[@]}"
-    mapfile -t c < <(forward $flux 16 bnb-nf4-eager bnb-nf4-compile
-                     ids tests/test_performance.py::test_transformer_speedup $flux b16-cuda-bnb-nf4 bnb-nf4-compile)
-    session 2 flux-b16-nf4 --quantgate-models flux-schnell --quantgate-batch 16 \
-      --quantgate-variants eager,compile --quantgate-schemes bf16,bnb-nf4 "${c[@]}"
-    if [ "${RETRY_SD35:-0}" = 1 ]; then
-      mapfile -t d < <(forward $sd 1 fp8-row-compile; e2e $sd eager bf16; e2e $sd compile fp8-row)
-      session 3 sd35-fp8row --quantgate-models sd35-medium --quantgate-variants eager,compile \
-        --quantgate-schemes bf16,fp8-row "${d[@]}"
-    fi
+    mapfile -t b < <(forward $flux 16 sparse24-int8-dq-compile)
+    session 1 flux-b16-sparse --quantgate-models flux-schnell --quantgate-batch 16 \
+      --quantgate-variants eager,compile --quantgate-schemes bf16,sparse24-int8-dq "${b[@]}"
+    CUDA_VISIBLE_DEVICES=2 PART_S=$bound tools/runs/budget-16g.sh "$out/budget" > "$out/budget.console" 2>&1 &
+    mapfile -t d < <(e2e $sd eager bf16; e2e $sd compile fp8-row)
+    session 3 sd35-fp8row-e2e --quantgate-models sd35-medium --quantgate-variants eager,compile \
+      --quantgate-schemes bf16,fp8-row "${d[@]}"
     ;;
   *) echo "PART must be 1 or 2" >&2; exit 2 ;;
 esac
