@@ -223,3 +223,36 @@ def test_the_report_shows_what_fit_the_budget_with_peak_latency_and_speedup(tmp_
     assert rows[case][2:4] == ["0.910", "fits"] and rows[case][5] == f"{median:.3f}"
     assert rows[case][6] == "3.50x vs bf16 group-offload"
     assert rows["other-case"][3] == "does not fit" and table.row_classes == ["pass", "fail"]
+
+
+def test_compact_round_trips_the_modules_on_the_gpu_through_the_cpu_and_frees_in_between(monkeypatch):
+    """After an offline quantization the pipeline is re-placed as a fresh load would place it."""
+    import types
+
+    import torch
+
+    import quantgate.measure.memory as memory
+    from quantgate.budget_plugin import compact
+
+    events = []
+
+    class Module(torch.nn.Module):
+        def __init__(self, name, device):
+            super().__init__()
+            self.name, self.where = name, device
+
+        def parameters(self, recurse=True):
+            yield types.SimpleNamespace(device=torch.device(self.where))
+
+        def to(self, device):
+            events.append((self.name, str(device)))
+            self.where = str(device)
+            return self
+
+    monkeypatch.setattr(memory, "release_memory", lambda device: events.append(("release", device)))
+    pipe = types.SimpleNamespace(components={"transformer": Module("transformer", "cuda"), "scheduler": object(),
+                                             "text_encoder": Module("text_encoder", "cpu"),
+                                             "vae": Module("vae", "cuda")})
+    assert compact(pipe, "cuda") == ["transformer", "vae"]
+    assert events == [("transformer", "cpu"), ("vae", "cpu"), ("release", "cuda"),
+                      ("transformer", "cuda"), ("vae", "cuda")]  # the offloaded encoder is left alone

@@ -15,11 +15,15 @@
 #         is claimed from batch 16 up). GPU 2 the 16 GiB budget run again, quantized schemes with
 #         the transformer resident and the text encoders streamed (encoder-offload). GPU 3 SD3.5
 #         fp8-row + compile end to end (PART=1 ran out of time compiling it at transformer scope).
+# PART=3  (two GPUs suffice) what PART=2 left: GPU 0 SD3.5 fp8-row + compile end to end with a
+#         450 s time budget per test (300 s ran out while compiling), GPU 1 the budget run for
+#         svdquant-ref with encoder-offload (out of memory in PART=2 from the fragmentation its
+#         offline quantization left, now compacted) and its bf16 group-offload baseline.
 # Every session times bf16 eager at its batch itself, so each speedup has its baseline in the
 # same process and on the same GPU.
-# Usage: PART=1|2 tools/runs/compile-rest-h200x4.sh OUTDIR
+# Usage: PART=1|2|3 tools/runs/compile-rest-h200x4.sh OUTDIR
 set -u
-out=${1:?usage: PART=1|2 tools/runs/compile-rest-h200x4.sh OUTDIR}
+out=${1:?usage: PART=1|2|3 tools/runs/compile-rest-h200x4.sh OUTDIR}
 bound=${PART_S:-540}
 flux=flux-schnell-synthetic sd=sd35-medium-synthetic
 . tools/runs/lib.sh
@@ -31,7 +35,7 @@ for m in flux-schnell sd35-medium; do
 done
 bound=$((bound - SECONDS))  # the builds came out of the same time bound
 
-case "${PART:?set PART=1 or PART=2}" in
+case "${PART:?set PART=1, 2 or 3}" in
   1)
     mapfile -t a < <(forward $flux 1 int4-wo-compile sparse24-int8-dq-compile)
     session 0 flux-int4-sparse --quantgate-models flux-schnell --quantgate-variants eager,compile \
@@ -58,7 +62,14 @@ case "${PART:?set PART=1 or PART=2}" in
     session 3 sd35-fp8row-e2e --quantgate-models sd35-medium --quantgate-variants eager,compile \
       --quantgate-schemes bf16,fp8-row "${d[@]}"
     ;;
-  *) echo "PART must be 1 or 2" >&2; exit 2 ;;
+  3)
+    mapfile -t d < <(e2e $sd eager bf16; e2e $sd compile fp8-row)
+    CASE_TIMEOUT_S=450 session 0 sd35-fp8row-e2e --quantgate-models sd35-medium --quantgate-variants eager,compile \
+      --quantgate-schemes bf16,fp8-row "${d[@]}"
+    CASES="bf16-group-offload or svdquant-ref-encoder-offload" CUDA_VISIBLE_DEVICES=1 PART_S=$bound \
+      tools/runs/budget-16g.sh "$out/budget" > "$out/budget.console" 2>&1 &
+    ;;
+  *) echo "PART must be 1, 2 or 3" >&2; exit 2 ;;
 esac
 wait
 tail -n 2 "$out"/*/pytest.log "$out"/budget/run/pytest.log 2>/dev/null
