@@ -48,6 +48,16 @@ def test_a_value_without_a_gate_stays_ungated_and_an_unknown_metric_is_left_out(
     assert [(r.now_passed, r.changed) for r in rows] == [(None, False)]
 
 
+def test_a_value_measured_under_a_gpu_budget_is_judged_by_the_budget_gate_only(tmp_path):
+    (tmp_path / "gates.toml").write_text('[[gate]]\nmetric = "gpu_budget_fraction_used"\nbudget = "16GiB"\n'
+                                         'max = 1.0\nwhy = "fits"\n')
+    record = _record(metric="gpu_budget_fraction_used", value=0.94)
+    budgeted, unbudgeted = recheck_run("run", _run([{**record, "budget": "16GiB"}, record]),
+                                       load_gates(tmp_path / "gates.toml"))
+    assert budgeted.now_passed is True and "required <= 1" in budgeted.now.message
+    assert unbudgeted.now is None  # a run without that budget is not held to it
+
+
 def test_old_records_without_attributes_are_read_from_their_case_id():
     attrs = case_attrs_from_id("sd35-medium-synthetic-sparse24-int8-dq-group-offload-b16-cuda")
     assert attrs == {"model": "sd35-medium", "source": "synthetic", "scheme": "sparse24-int8-dq",

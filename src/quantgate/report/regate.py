@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.cases import selector_vocabulary
-from quantgate.gates import METRICS, GateBook, Verdict, format_value
+from quantgate.gates import METRICS, SELECTORS, GateBook, Verdict, format_value
 from quantgate.report.runs import complete_verdicts
 
-# The attributes gates.toml selectors match on; a verdict record carries each of them.
+# The case attributes every verdict record carries; a record also carries the session's
+# ``budget`` when it ran under --quantgate-gpu-budget (the other selector of gates.toml).
 SELECTOR_KEYS = ("model", "source", "scheme", "variant", "batch", "hardware")
 
 
@@ -59,7 +60,7 @@ def recheck_run(label: str, data: Mapping[str, Any], book: GateBook) -> list[Rec
             continue  # a metric this quantgate does not know (an older or newer run): nothing to check
         if not all(key in record for key in SELECTOR_KEYS):
             continue  # a case id this quantgate cannot read (another registry): nothing to match
-        gate = book.lookup(metric, {key: record[key] for key in SELECTOR_KEYS})
+        gate = book.lookup(metric, {key: record[key] for key in SELECTORS if key in record})
         value = float(record["value"])
         rows.append(Recheck(run=label, nodeid=record.get("nodeid", ""), case=record.get("case", ""),
                             metric=metric, value=value, then_passed=record.get("passed"),
