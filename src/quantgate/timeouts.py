@@ -164,6 +164,10 @@ class Budget:
         self.last_resort = not _faulthandler_timeout(config)
         self.stderr_fd = os.dup(sys.__stderr__.fileno())  # the terminal's, before any test captures fd 2
         self.watchdog = Watchdog(self._hard_limit)
+        # What a benchmark JSON's machine_info holds, taken in the main thread before the first
+        # test: the watchdog cannot ask a hung CUDA for it, and without it a partial file cannot
+        # be merged with the session's other files (quantgate report refuses mixed machines).
+        self.machine_info: dict[str, Any] | None = None
 
     def close(self) -> None:
         self.watchdog.stop()
@@ -184,6 +188,8 @@ class Budget:
 
     def protect(self, item: pytest.Item) -> Callable[[], None]:
         """Arm the limits for ``item``; returns the function that disarms them."""
+        if self.machine_info is None:
+            self.machine_info = _machine_info()
         self.watchdog.arm(item.nodeid, self.budget + self.grace)
         if self.last_resort:
             faulthandler.dump_traceback_later(self.budget + 2 * self.grace, exit=True, file=self.stderr_fd)
@@ -212,7 +218,7 @@ class Budget:
                    f"to Python (a hung kernel or a blocking C call); killed after {elapsed:.1f} s")
         try:
             _record(self.config, nodeid, "hard", self.budget, self.grace, elapsed)
-            written = write_partial(self.config, self.partial_path, nodeid, message)
+            written = write_partial(self.config, self.partial_path, nodeid, message, self.machine_info)
             note = f"; partial results in {written}"
         except Exception as exc:  # still free the runner
             note = f"; writing partial results failed: {type(exc).__name__}: {exc}"
@@ -235,9 +241,21 @@ def _record(config: pytest.Config, nodeid: str, kind: str, budget: float, grace:
                       reason=f"hung: exceeded its {budget:g} s budget + {grace:g} s grace; the process was killed")
 
 
-def write_partial(config: pytest.Config, path: Path, nodeid: str, message: str) -> Path:
+def _machine_info() -> dict[str, Any]:
+    base = {"node": os.uname().nodename, "python_version": sys.version.split()[0]}
+    try:
+        from quantgate.hardware import machine_facts
+
+        return {**base, **machine_facts()}
+    except Exception as exc:  # the budget must not depend on it
+        return {**base, "machine_facts_error": f"{type(exc).__name__}: {exc}"}
+
+
+def write_partial(config: pytest.Config, path: Path, nodeid: str, message: str,
+                  machine_info: dict[str, Any] | None = None) -> Path:
     """Write what the session has so far as a benchmark JSON (quantgate section and finished
-    benchmarks, readable by ``quantgate report``), naming the hung test."""
+    benchmarks, readable by ``quantgate report``), naming the hung test. ``machine_info``: as
+    quantgate fills a benchmark JSON's (taken before the hang), so the file merges with others."""
     from quantgate import __version__
     from quantgate.atomic import atomic_write_text
 
@@ -248,7 +266,7 @@ def write_partial(config: pytest.Config, path: Path, nodeid: str, message: str) 
         if bench:  # only benchmarks that finished their rounds have stats
             benchmarks.append(bench.as_dict(include_data=False))
     data = {
-        "machine_info": {"node": os.uname().nodename, "python_version": sys.version.split()[0]},
+        "machine_info": machine_info or {"node": os.uname().nodename, "python_version": sys.version.split()[0]},
         "commit_info": {"id": os.environ.get("QUANTGATE_COMMIT", "unknown")},
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": __version__,

@@ -102,6 +102,13 @@ def test_a_test_that_never_returns_is_killed_at_budget_plus_grace_leaving_partia
     assert outcomes[hung]["outcome"] == "failed" and outcomes[hung]["reason"].startswith(
         "hung: exceeded its 1 s budget + 1 s grace")
     assert [b["name"] for b in data["benchmarks"]] == [f"test_before[{CASE}]"]  # finished benchmarks are kept
+    # The machine as quantgate describes it in every benchmark JSON: the partial file merges with
+    # the session's other files (the merge compares exactly these keys).
+    from quantgate.hardware import machine_facts
+    from quantgate.report.merge import _SAME_MACHINE
+
+    facts = machine_facts()
+    assert {k: data["machine_info"].get(k) for k in _SAME_MACHINE} == {k: facts[k] for k in _SAME_MACHINE}
 
     text = _report(partial)
     assert f"| {hung} | {CASE} | killed (hard) | 1 s |" in text
