@@ -27,15 +27,34 @@ import pytest
 
 from quantgate import __version__
 from quantgate.cases import Case, Selection, build_cases, selector_vocabulary
-from quantgate.errors import ConfigFileError, QuantgateError, SourceInvalid, SourceUnavailable, UnknownNameError
+from quantgate.errors import (
+    ConfigFileError,
+    QuantgateError,
+    SourceInvalid,
+    SourceUnavailable,
+    UnknownNameError,
+)
 from quantgate.gates import GateBook, Verdict, format_value
-from quantgate.hardware import DeviceInfo, cuda_available, device_info, machine_facts, no_cuda_reason
+from quantgate.hardware import (
+    DeviceInfo,
+    cuda_available,
+    device_info,
+    machine_facts,
+    no_cuda_reason,
+)
+from quantgate.known_failures import KnownFailures
 from quantgate.measure.flops import bf16_matmul_peak_tflops
 from quantgate.measure.memory import synchronize, track_peak
 from quantgate.measure.timing import CompilesInTimedRounds, pedantic
 from quantgate.models import ModelSpec, get_model, model_names
 from quantgate.models.registry import load_models
-from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
+from quantgate.models.sources import (
+    AUTO,
+    SOURCES,
+    SourceContext,
+    choose_source,
+    get_source,
+)
 from quantgate.pipeline import LoadedPipeline, PipelineCache, Release
 from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
@@ -95,6 +114,8 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "source": ("weights source for the GPU tier: auto, hub, path, synthetic, tiny (default: auto)", AUTO),
     "cache-dir": ("quantgate's cache (synthetic weights...); default $QUANTGATE_CACHE_DIR or ~/.cache/quantgate", None),
     "gates": ("gates file (default: <rootdir>/fixtures/gates.toml)", None),
+    "known-failures": ("cases known to fail on a given stack, skipped with their evidence "
+                       "(default: <rootdir>/fixtures/known_failures.toml)", None),
     "prompts": ("prompt file (default: <rootdir>/fixtures/prompts/gate.txt)", None),
     "rounds": ("timed rounds per benchmark (default: 3)", "3"),
     "warmup": ("untimed warm-up rounds before them (default: 1)", "1"),
@@ -123,6 +144,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(f"quantgate_{name.replace('-', '_')}", help_text, default=None)
     group.addoption("--quantgate-path", dest="quantgate_path", action="append", default=[], metavar="MODEL=DIR",
                     help="a diffusers directory for MODEL, used by --quantgate-source path (repeatable)")
+    group.addoption("--quantgate-run-known-failures", dest="quantgate_run_known_failures", action="store_true",
+                    help="run the cases --quantgate-known-failures lists for this stack instead of skipping them")
     group.addoption("--quantgate-update-golden", dest="quantgate_update_golden", action="store_true",
                     help="write the bf16 eager images of this run as the golden set (atomically) before comparing")
 
@@ -236,6 +259,7 @@ class QuantgateRun:
     artifacts_dir: Path | None = None
     lpips_net: str = "alex"
     clip_model: str = "openai/clip-vit-large-patch14"
+    known_failures: KnownFailures | None = None  # None: --quantgate-run-known-failures
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     releases: list[dict[str, Any]] = field(default_factory=list)
@@ -295,6 +319,8 @@ class QuantgateRun:
         gates_path = _display_path(Path(_option(config, "gates") or config.rootpath / "fixtures" / "gates.toml"))
         try:
             gates = GateBook.load(gates_path, selector_vocabulary())
+            known = KnownFailures.load(_display_path(Path(_option(config, "known-failures")
+                                                          or config.rootpath / "fixtures" / "known_failures.toml")))
         except ConfigFileError as exc:
             raise pytest.UsageError(str(exc)) from None
         return cls(
@@ -307,6 +333,7 @@ class QuantgateRun:
             pipelines=PipelineCache(ctx, _calibration(config)),
             golden_dir=_display_path(Path(_option(config, "golden-dir") or config.rootpath / "golden_images")),
             update_golden=bool(config.getoption("quantgate_update_golden")),
+            known_failures=None if config.getoption("quantgate_run_known_failures") else known,
             quality_prompts=_int(_option(config, "quality-prompts"), "quality-prompts", 1) or 4,
             artifacts_dir=Path(_option(config, "artifacts")) if _option(config, "artifacts") else None,
             lpips_net=_option(config, "lpips-net") or "alex",
@@ -351,8 +378,14 @@ class QuantgateRun:
         """Why ``case`` cannot run on this machine, or None."""
         if case.device == "cuda" and not cuda_available():
             return no_cuda_reason()
-        return (get_variant(case.variant).unmet(case.device)
-                or get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device), case.model))
+        unmet = (get_variant(case.variant).unmet(case.device)
+                 or get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device), case.model))
+        known = self.known_failures and self.known_failures.find(case.scheme, case.variant, case.device)
+        if unmet or not known:
+            return unmet
+        return (f"{case.scheme} + {case.variant} on {case.device} is known to fail with {known.stack()}: "
+                f"{known.reason} [{known.where}; evidence: {known.evidence}]; "
+                f"--quantgate-run-known-failures runs it anyway")
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Keep each test's outcome, skip reason and wall time (setup + call + teardown)."""

@@ -1,0 +1,122 @@
+"""Cases known to fail on a given software stack, skipped with the evidence unless asked to run.
+
+``fixtures/known_failures.toml`` lists what a device run showed cannot work, or cannot finish,
+on specific library versions. Each entry gives the scheme, the variant and the device, plus the
+version specifiers of the stack it was seen on. A matching case is skipped with the reason and
+the report that measured it, and ``--quantgate-run-known-failures`` runs it anyway. An entry
+matches only the versions it names, so a newer torch or torchao runs the case again and shows
+whether the failure is gone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from quantgate.errors import ConfigFileError
+from quantgate.hardware import library_version
+
+_KEYS = {"scheme", "variant", "device", "versions", "reason", "evidence"}
+_REQUIRED = ("scheme", "variant", "device", "versions", "reason", "evidence")
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """One entry: which cases, on which versions, fail how, and where that was measured."""
+
+    schemes: frozenset[str]
+    variant: str
+    device: str
+    versions: Mapping[str, SpecifierSet]
+    reason: str
+    evidence: str
+    where: str = ""  # file:line
+
+    def matches(self, scheme: str, variant: str, device: str,
+                installed: Callable[[str], str | None] = library_version) -> bool:
+        """Whether a case of ``scheme``/``variant`` on ``device`` runs on the stack this names."""
+        if scheme not in self.schemes or variant != self.variant or device.split(":")[0] != self.device:
+            return False
+        for dist, spec in self.versions.items():
+            version = installed(dist)
+            try:
+                if version is None or not spec.contains(Version(version), prereleases=True):
+                    return False
+            except InvalidVersion:
+                return False
+        return True
+
+    def stack(self) -> str:
+        return ", ".join(f"{dist}{spec}" for dist, spec in self.versions.items())
+
+
+@dataclass
+class KnownFailures:
+    """Every entry of one file."""
+
+    path: Path
+    entries: list[KnownFailure] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path) -> KnownFailures:
+        """Read and validate ``path`` (a missing file is an empty list); errors name file, line and key."""
+        path = Path(path)
+        if not path.is_file():
+            return cls(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigFileError(path, f"not valid TOML: {exc}") from None
+        if set(data) - {"known"}:
+            raise ConfigFileError(path, "known failures are [[known]] tables", key=sorted(set(data) - {"known"})[0])
+        lines = [i + 1 for i, line in enumerate(text.splitlines()) if re.match(r"^\s*\[\[\s*known\s*\]\]", line)]
+        book = cls(path)
+        for index, raw in enumerate(data.get("known", [])):
+            book.entries.append(_parse(raw, path, lines[index] if index < len(lines) else None))
+        return book
+
+    def find(self, scheme: str, variant: str, device: str,
+             installed: Callable[[str], str | None] = library_version) -> KnownFailure | None:
+        """The first entry matching the case on the installed stack, or None."""
+        return next((e for e in self.entries if e.matches(scheme, variant, device, installed)), None)
+
+
+def _parse(raw: Any, path: Path, line: int | None) -> KnownFailure:
+    if not isinstance(raw, dict):
+        raise ConfigFileError(path, "each [[known]] must be a table", line=line)
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ConfigFileError(path, f"unknown key; known keys: {', '.join(sorted(_KEYS))}", line=line,
+                              key=sorted(unknown)[0])
+    for key in _REQUIRED:
+        if key not in raw:
+            raise ConfigFileError(path, "required", line=line, key=key)
+    schemes = raw["scheme"] if isinstance(raw["scheme"], list) else [raw["scheme"]]
+    versions = raw["versions"]
+    if not isinstance(versions, dict) or not versions:
+        raise ConfigFileError(path, "a table of distribution = version specifier, e.g. { torch = \"==2.11.*\" }: "
+                              "an entry must name the stack it was seen on", line=line, key="versions")
+    parsed = {}
+    for dist, spec in versions.items():
+        try:
+            parsed[dist] = SpecifierSet(str(spec))
+        except InvalidSpecifier as exc:
+            raise ConfigFileError(path, f"not a version specifier: {exc}", line=line, key=f"versions.{dist}") from None
+    from quantgate.schemes import SCHEMES
+    from quantgate.variants import VARIANTS
+
+    for scheme in schemes:
+        if scheme not in SCHEMES:
+            raise ConfigFileError(path, f"unknown scheme {scheme!r}", line=line, key="scheme")
+    if raw["variant"] not in VARIANTS:
+        raise ConfigFileError(path, f"unknown variant {raw['variant']!r}", line=line, key="variant")
+    return KnownFailure(frozenset(schemes), raw["variant"], str(raw["device"]), parsed, str(raw["reason"]),
+                        str(raw["evidence"]), f"{path}:{line}" if line else str(path))
