@@ -1,7 +1,8 @@
 """Cases known to fail on a given software stack, skipped with the evidence unless asked to run.
 
 ``fixtures/known_failures.toml`` lists what a device run showed cannot work, or cannot finish,
-on specific library versions. Each entry gives the scheme, the variant and the device, plus the
+on specific library versions. Each entry gives the scheme, the variant, the device and
+optionally the models, plus the
 version specifiers of the stack it was seen on. A matching case is skipped with the reason and
 the report that measured it, and ``--quantgate-run-known-failures`` runs it anyway. An entry
 matches only the versions it names, so a newer torch or torchao runs the case again and shows
@@ -23,7 +24,7 @@ from packaging.version import InvalidVersion, Version
 from quantgate.errors import ConfigFileError
 from quantgate.hardware import library_version
 
-_KEYS = {"scheme", "variant", "device", "versions", "reason", "evidence"}
+_KEYS = {"scheme", "variant", "device", "model", "versions", "reason", "evidence"}
 _REQUIRED = ("scheme", "variant", "device", "versions", "reason", "evidence")
 
 
@@ -38,11 +39,15 @@ class KnownFailure:
     reason: str
     evidence: str
     where: str = ""  # file:line
+    models: frozenset[str] | None = None  # None: every model
 
-    def matches(self, scheme: str, variant: str, device: str,
+
+    def matches(self, scheme: str, variant: str, device: str, model: str,
                 installed: Callable[[str], str | None] = library_version) -> bool:
-        """Whether a case of ``scheme``/``variant`` on ``device`` runs on the stack this names."""
+        """Whether a case of ``model``/``scheme``/``variant`` on ``device`` runs on the stack this names."""
         if scheme not in self.schemes or variant != self.variant or device.split(":")[0] != self.device:
+            return False
+        if self.models is not None and model not in self.models:
             return False
         for dist, spec in self.versions.items():
             version = installed(dist)
@@ -83,10 +88,10 @@ class KnownFailures:
             book.entries.append(_parse(raw, path, lines[index] if index < len(lines) else None))
         return book
 
-    def find(self, scheme: str, variant: str, device: str,
+    def find(self, scheme: str, variant: str, device: str, model: str,
              installed: Callable[[str], str | None] = library_version) -> KnownFailure | None:
         """The first entry matching the case on the installed stack, or None."""
-        return next((e for e in self.entries if e.matches(scheme, variant, device, installed)), None)
+        return next((e for e in self.entries if e.matches(scheme, variant, device, model, installed)), None)
 
 
 def _parse(raw: Any, path: Path, line: int | None) -> KnownFailure:
@@ -110,8 +115,16 @@ def _parse(raw: Any, path: Path, line: int | None) -> KnownFailure:
             parsed[dist] = SpecifierSet(str(spec))
         except InvalidSpecifier as exc:
             raise ConfigFileError(path, f"not a version specifier: {exc}", line=line, key=f"versions.{dist}") from None
+    from quantgate.models import model_names
     from quantgate.schemes import SCHEMES
     from quantgate.variants import VARIANTS
+
+    models = None
+    if "model" in raw:
+        models = raw["model"] if isinstance(raw["model"], list) else [raw["model"]]
+        for model in models:
+            if model not in model_names():
+                raise ConfigFileError(path, f"unknown model {model!r}", line=line, key="model")
 
     for scheme in schemes:
         if scheme not in SCHEMES:
@@ -119,4 +132,5 @@ def _parse(raw: Any, path: Path, line: int | None) -> KnownFailure:
     if raw["variant"] not in VARIANTS:
         raise ConfigFileError(path, f"unknown variant {raw['variant']!r}", line=line, key="variant")
     return KnownFailure(frozenset(schemes), raw["variant"], str(raw["device"]), parsed, str(raw["reason"]),
-                        str(raw["evidence"]), f"{path}:{line}" if line else str(path))
+                        str(raw["evidence"]), f"{path}:{line}" if line else str(path),
+                        frozenset(models) if models is not None else None)

@@ -380,7 +380,7 @@ class QuantgateRun:
             return no_cuda_reason()
         unmet = (get_variant(case.variant).unmet(case.device)
                  or get_scheme(case.scheme).requires.unmet(case.scheme, self.device(case.device), case.model))
-        known = self.known_failures and self.known_failures.find(case.scheme, case.variant, case.device)
+        known = self.known_failures and self.known_failures.find(case.scheme, case.variant, case.device, case.model)
         if unmet or not known:
             return unmet
         return (f"{case.scheme} + {case.variant} on {case.device} is known to fail with {known.stack()}: "

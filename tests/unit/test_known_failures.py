@@ -16,18 +16,20 @@ def _installed(versions):
 
 def test_the_committed_entries_match_only_the_stack_and_cases_they_were_seen_on():
     book = KnownFailures.load(REPO / "fixtures" / "known_failures.toml")
-    hit = book.find("int8-wo", "compile", "cuda", _installed(H200_STACK))
+    flux = "flux-schnell"
+    hit = book.find("int8-wo", "compile", "cuda", flux, _installed(H200_STACK))
     assert hit is not None and "61.6 s" in hit.reason and "reports/" in hit.evidence
-    assert hit.where.endswith("known_failures.toml:5")
-    assert book.find("int8-wo", "compile", "cuda:1", _installed(H200_STACK)) is hit
-    assert book.find("int8-wo", "eager", "cuda", _installed(H200_STACK)) is None
-    assert book.find("int8-wo", "compile", "cpu", _installed(H200_STACK)) is None
+    assert hit.where.endswith("known_failures.toml:6")
+    assert book.find("int8-wo", "compile", "cuda:1", flux, _installed(H200_STACK)) is hit
+    assert book.find("int8-wo", "compile", "cuda", "sd35-medium", _installed(H200_STACK)) is None  # not seen there
+    assert book.find("int8-wo", "eager", "cuda", flux, _installed(H200_STACK)) is None
+    assert book.find("int8-wo", "compile", "cpu", flux, _installed(H200_STACK)) is None
     for newer in ({"torch": "2.12.0", "torchao": "0.18.0"}, {"torch": "2.11.0", "torchao": "0.19.0"},
                   {"torch": "2.11.0"}):  # a newer stack (or no torchao) runs the case again
-        assert book.find("int8-wo", "compile", "cuda", _installed(newer)) is None
+        assert book.find("int8-wo", "compile", "cuda", flux, _installed(newer)) is None
     for scheme in ("fp8-row", "fp8-tensor"):
-        assert book.find(scheme, "model-offload", "cuda", _installed(H200_STACK)) is not None
-    assert book.find("fp8-row", "encoder-offload", "cuda", _installed(H200_STACK)) is None
+        assert book.find(scheme, "model-offload", "cuda", "sd35-medium", _installed(H200_STACK)) is not None
+    assert book.find("fp8-row", "encoder-offload", "cuda", flux, _installed(H200_STACK)) is None
 
 
 def test_a_missing_file_is_an_empty_list(tmp_path):
@@ -51,6 +53,7 @@ evidence = "e"
     (ENTRY.format(extra="").replace("==2.11.*", "two"), r"\[versions.torch\]: not a version specifier"),
     (ENTRY.format(extra="").replace('"int8-wo"', '"int9"'), r"\[scheme\]: unknown scheme 'int9'"),
     (ENTRY.format(extra="").replace('"compile"', '"jit"'), r"\[variant\]: unknown variant 'jit'"),
+    (ENTRY.format(extra='model = "sdxl"\n'), r"\[model\]: unknown model 'sdxl'"),
     ("[[known]\n", "not valid TOML"),
 ])
 def test_a_bad_entry_names_the_file_line_and_key(tmp_path, text, match):

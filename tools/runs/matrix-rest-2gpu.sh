@@ -11,6 +11,8 @@
 # PART=compile: GPU 0 FLUX.1-schnell transformer forward compiled for fp8-tensor, int8-wo,
 #   int4-wo and sparse24-int8-dq (with bf16 eager for the speedups); GPU 1 the 16 GiB budget run
 #   (tools/runs/budget-16g.sh).
+# int8-wo + compile is in fixtures/known_failures.toml now: on torch 2.11 / torchao 0.18 it skips
+# with its evidence (add --quantgate-run-known-failures to spend the 360 s on it again).
 # Each test has a time budget (CASE_TIMEOUT_S, default 300 s: a quantized FLUX compile took up to
 # 135 s): a case that does not settle (int8-wo + compile: a 61.6 s timed round on the H200) fails
 # with the budget's message and the session goes on to the next case.
