@@ -27,34 +27,16 @@ import pytest
 
 from quantgate import __version__
 from quantgate.cases import Case, Selection, build_cases, selector_vocabulary
-from quantgate.errors import (
-    ConfigFileError,
-    QuantgateError,
-    SourceInvalid,
-    SourceUnavailable,
-    UnknownNameError,
-)
+from quantgate.errors import ConfigFileError, QuantgateError, SourceInvalid, SourceUnavailable, UnknownNameError
 from quantgate.gates import GateBook, Verdict, format_value
-from quantgate.hardware import (
-    DeviceInfo,
-    cuda_available,
-    device_info,
-    machine_facts,
-    no_cuda_reason,
-)
+from quantgate.hardware import DeviceInfo, cuda_available, device_info, machine_facts, no_cuda_reason
 from quantgate.known_failures import KnownFailures
 from quantgate.measure.flops import bf16_matmul_peak_tflops
 from quantgate.measure.memory import synchronize, track_peak
 from quantgate.measure.timing import CompilesInTimedRounds, pedantic
 from quantgate.models import ModelSpec, get_model, model_names
 from quantgate.models.registry import load_models
-from quantgate.models.sources import (
-    AUTO,
-    SOURCES,
-    SourceContext,
-    choose_source,
-    get_source,
-)
+from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
 from quantgate.pipeline import LoadedPipeline, PipelineCache, Release
 from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
