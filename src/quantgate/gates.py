@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantgate.errors import ConfigFileError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from quantgate.tomlfiles import read_toml, table_lines
 
 
 @dataclass(frozen=True)
@@ -213,18 +208,7 @@ class GateBook:
         Raises ConfigFileError naming the file, line and key of the first problem.
         """
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigFileError(path, "gates file not found (pass --quantgate-gates FILE)") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigFileError(path, f"cannot read gates file: {exc}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            found = re.search(r"at line (\d+)", str(exc))  # tomllib gained .lineno only in 3.14
-            line = getattr(exc, "lineno", None) or (int(found.group(1)) if found else None)
-            raise ConfigFileError(path, f"not valid TOML: {exc}", line=line) from None
+        data, text = read_toml(path, "gates file", "gates file not found (pass --quantgate-gates FILE)")
         unknown = set(data) - {"gate"}
         if unknown:
             key = sorted(unknown)[0]
@@ -233,7 +217,7 @@ class GateBook:
         raw_gates = data.get("gate", [])
         if not isinstance(raw_gates, list):
             raise ConfigFileError(path, "'gate' must be an array of tables ([[gate]])", key="gate")
-        lines = [i + 1 for i, text_line in enumerate(text.splitlines()) if re.match(r"^\s*\[\[\s*gate\s*\]\]", text_line)]
+        lines = table_lines(text, "gate")
         book = cls(path=path)
         for index, raw in enumerate(raw_gates):
             line = lines[index] if index < len(lines) else None

@@ -2,8 +2,7 @@
 
 ``fixtures/known_failures.toml`` lists what a device run showed cannot work, or cannot finish,
 on specific library versions. Each entry gives the scheme, the variant, the device and
-optionally the models, plus the
-version specifiers of the stack it was seen on. A matching case is skipped with the reason and
+optionally the models, plus the version specifiers of the stack it was seen on. A matching case is skipped with the reason and
 the report that measured it, and ``--quantgate-run-known-failures`` runs it anyway. An entry
 matches only the versions it names, so a newer torch or torchao runs the case again and shows
 whether the failure is gone.
@@ -11,18 +10,18 @@ whether the failure is gone.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from quantgate.cases import selector_vocabulary
 from quantgate.errors import ConfigFileError
 from quantgate.hardware import library_version
+from quantgate.tomlfiles import read_toml, table_lines
 
 _KEYS = {"scheme", "variant", "device", "model", "versions", "reason", "evidence"}
 _REQUIRED = ("scheme", "variant", "device", "versions", "reason", "evidence")
@@ -40,7 +39,6 @@ class KnownFailure:
     evidence: str
     where: str = ""  # file:line
     models: frozenset[str] | None = None  # None: every model
-
 
     def matches(self, scheme: str, variant: str, device: str, model: str,
                 installed: Callable[[str], str | None] = library_version) -> bool:
@@ -75,14 +73,10 @@ class KnownFailures:
         path = Path(path)
         if not path.is_file():
             return cls(path)
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigFileError(path, f"not valid TOML: {exc}") from None
+        data, text = read_toml(path, "known failures file", "not found")
         if set(data) - {"known"}:
             raise ConfigFileError(path, "known failures are [[known]] tables", key=sorted(set(data) - {"known"})[0])
-        lines = [i + 1 for i, line in enumerate(text.splitlines()) if re.match(r"^\s*\[\[\s*known\s*\]\]", line)]
+        lines = table_lines(text, "known")
         book = cls(path)
         for index, raw in enumerate(data.get("known", [])):
             book.entries.append(_parse(raw, path, lines[index] if index < len(lines) else None))
@@ -104,7 +98,6 @@ def _parse(raw: Any, path: Path, line: int | None) -> KnownFailure:
     for key in _REQUIRED:
         if key not in raw:
             raise ConfigFileError(path, "required", line=line, key=key)
-    schemes = raw["scheme"] if isinstance(raw["scheme"], list) else [raw["scheme"]]
     versions = raw["versions"]
     if not isinstance(versions, dict) or not versions:
         raise ConfigFileError(path, "a table of distribution = version specifier, e.g. { torch = \"==2.11.*\" }: "
@@ -115,22 +108,18 @@ def _parse(raw: Any, path: Path, line: int | None) -> KnownFailure:
             parsed[dist] = SpecifierSet(str(spec))
         except InvalidSpecifier as exc:
             raise ConfigFileError(path, f"not a version specifier: {exc}", line=line, key=f"versions.{dist}") from None
-    from quantgate.models import model_names
-    from quantgate.schemes import SCHEMES
-    from quantgate.variants import VARIANTS
+    names = {key: _as_list(raw[key]) for key in ("model", "scheme", "variant") if key in raw}
+    vocabulary = selector_vocabulary()
+    for key, values in names.items():
+        for value in values:
+            if value not in vocabulary[key]:
+                raise ConfigFileError(path, f"unknown {key} {value!r}", line=line, key=key)
+    if len(names["variant"]) != 1:
+        raise ConfigFileError(path, "one variant per entry", line=line, key="variant")
+    return KnownFailure(frozenset(names["scheme"]), names["variant"][0], str(raw["device"]), parsed,
+                        str(raw["reason"]), str(raw["evidence"]), f"{path}:{line}" if line else str(path),
+                        frozenset(names["model"]) if "model" in names else None)
 
-    models = None
-    if "model" in raw:
-        models = raw["model"] if isinstance(raw["model"], list) else [raw["model"]]
-        for model in models:
-            if model not in model_names():
-                raise ConfigFileError(path, f"unknown model {model!r}", line=line, key="model")
 
-    for scheme in schemes:
-        if scheme not in SCHEMES:
-            raise ConfigFileError(path, f"unknown scheme {scheme!r}", line=line, key="scheme")
-    if raw["variant"] not in VARIANTS:
-        raise ConfigFileError(path, f"unknown variant {raw['variant']!r}", line=line, key="variant")
-    return KnownFailure(frozenset(schemes), raw["variant"], str(raw["device"]), parsed, str(raw["reason"]),
-                        str(raw["evidence"]), f"{path}:{line}" if line else str(path),
-                        frozenset(models) if models is not None else None)
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
