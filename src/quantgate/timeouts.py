@@ -241,8 +241,12 @@ def _record(config: pytest.Config, nodeid: str, kind: str, budget: float, grace:
                       reason=f"hung: exceeded its {budget:g} s budget + {grace:g} s grace; the process was killed")
 
 
+def _host() -> dict[str, Any]:
+    return {"node": os.uname().nodename, "python_version": sys.version.split()[0]}
+
+
 def _machine_info() -> dict[str, Any]:
-    base = {"node": os.uname().nodename, "python_version": sys.version.split()[0]}
+    base = _host()
     try:
         from quantgate.hardware import machine_facts
 
@@ -266,7 +270,7 @@ def write_partial(config: pytest.Config, path: Path, nodeid: str, message: str,
         if bench:  # only benchmarks that finished their rounds have stats
             benchmarks.append(bench.as_dict(include_data=False))
     data = {
-        "machine_info": machine_info or {"node": os.uname().nodename, "python_version": sys.version.split()[0]},
+        "machine_info": machine_info or _host(),
         "commit_info": {"id": os.environ.get("QUANTGATE_COMMIT", "unknown")},
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": __version__,

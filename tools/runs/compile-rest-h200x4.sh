@@ -26,6 +26,7 @@
 # Usage: PART=1|2|3 tools/runs/compile-rest-h200x4.sh OUTDIR
 set -u
 out=${1:?usage: PART=1|2|3 tools/runs/compile-rest-h200x4.sh OUTDIR}
+: "${PART:?set PART=1, 2 or 3}"
 bound=${PART_S:-540}
 flux=flux-schnell-synthetic sd=sd35-medium-synthetic
 . tools/runs/lib.sh
@@ -39,7 +40,7 @@ build() {  # build MODEL: its synthetic weights, then what is left of the time b
 }
 [ "$PART" = 3 ] || { build flux-schnell; build sd35-medium; }
 
-case "${PART:?set PART=1, 2 or 3}" in
+case "$PART" in
   1)
     mapfile -t a < <(forward $flux 1 int4-wo-compile sparse24-int8-dq-compile)
     session 0 flux-int4-sparse --quantgate-models flux-schnell --quantgate-variants eager,compile \
