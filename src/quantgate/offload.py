@@ -47,10 +47,11 @@ def _is_text_encoder(module: torch.nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
-# Leaf-level groups on a side stream: each layer's weights arrive just ahead of use, so the GPU
-# holds a layer or two of a text encoder at a time (diffusers' group offloading, which also tells
-# the pipeline its execution device; accelerate's cpu_offload alone leaves it guessing "meta").
-ENCODER_OFFLOAD_OPTIONS: dict[str, Any] = {"offload_type": "leaf_level", "use_stream": True}
+# Leaf-level groups, on a side stream where there is one (CUDA): each layer's weights arrive just
+# ahead of use, so the GPU holds a layer or two of a text encoder at a time (diffusers' group
+# offloading, which also tells the pipeline its execution device; accelerate's cpu_offload alone
+# leaves it guessing "meta").
+ENCODER_OFFLOAD_OPTIONS: dict[str, Any] = {"offload_type": "leaf_level"}
 
 
 def encoder_offload(pipe: Any, device: str) -> dict[str, Any]:
@@ -64,8 +65,7 @@ def encoder_offload(pipe: Any, device: str) -> dict[str, Any]:
     from diffusers.hooks import apply_group_offloading
 
     target = torch.device(device)
-    # CUDA streams exist only on an accelerator; the CPU (tests) runs the same hooks without one.
-    options = dict(ENCODER_OFFLOAD_OPTIONS, use_stream=ENCODER_OFFLOAD_OPTIONS["use_stream"] and target.type == "cuda")
+    options = {**ENCODER_OFFLOAD_OPTIONS, "use_stream": target.type == "cuda"}  # the CPU (tests) has no streams
     streamed, moved = [], []
     for name, module in pipe.components.items():
         if not isinstance(module, torch.nn.Module):
