@@ -44,18 +44,7 @@ def args(tiny_cache):
 
 
 # -- unknown names --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("option", "message"), [
-    ("--quantgate-variants=eager,turbo", "*unknown variant 'turbo'; valid variants: *eager*"),
-    ("--quantgate-schemes=bf16,int3", "*unknown scheme 'int3'; valid schemes: *bf16*"),
-    ("--quantgate-schemes=", "*--quantgate-schemes is empty; valid schemes: *"),
-])
-def test_an_unknown_name_in_an_option_is_a_usage_error_listing_valid_names(pytester, args, option, message):
-    pytester.makepyfile(CASE_TESTS)
-    result = pytester.runpytest(*args, option)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([message])
+# In options: tests/unit/test_plugin.py::test_bad_options_are_usage_errors. In CLI commands:
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -46,6 +46,9 @@ def test_unknown_scheme_is_a_usage_error_listing_valid_names(pytester, args):
     ("--quantgate-batch=0", "*--quantgate-batch must be >= 1, got 0*"),
     ("--quantgate-resolution=1000", "*--quantgate-resolution must be N or HxW with multiples of 16*"),
     ("--quantgate-path=flux-schnell", "*--quantgate-path takes MODEL=DIR*"),
+    ("--quantgate-variants=eager,turbo", "*unknown variant 'turbo'; valid variants: *eager*"),
+    ("--quantgate-schemes=bf16,int3", "*unknown scheme 'int3'; valid schemes: *bf16*"),
+    ("--quantgate-schemes=", "*--quantgate-schemes is empty; valid schemes: *"),
 ])
 def test_bad_options_are_usage_errors(pytester, args, option, message):
     pytester.makepyfile(CASE_TESTS)
