@@ -8,7 +8,8 @@ over the ``leaked_gpu_bytes`` gate) and a fault:
 - ``fault-oom-load``: out of memory while quantizing (in ``post_load``);
 - ``fault-oom-call``: out of memory inside the transformer's forward (a test body's inference);
 - ``fault-leak``: loads fine, and a module-level list keeps the ballast (a real leak);
-- ``fault-slow-load``: quantizing takes ``QUANTGATE_SLOW_LOAD_S`` (30 s), past a short budget.
+- ``fault-slow-load``: quantizing takes ``QUANTGATE_SLOW_LOAD_S`` (30 s), past a short budget;
+- ``fault-ballast``: no fault of its own, for tests that change or keep the pipeline themselves.
 
 On CUDA the out-of-memory is real (an allocation of twice the card's memory); on the CPU the
 same ``torch.OutOfMemoryError`` is raised. ``QUANTGATE_FAKE_ALLOCATOR=1`` makes the pipeline
@@ -67,6 +68,11 @@ def _leak(pipe, request):
     return {}
 
 
+def _ballast_only(pipe, request):
+    _ballast(pipe, request, "fault-ballast")
+    return {}
+
+
 def _slow_load(pipe, request):
     _ballast(pipe, request, "fault-slow-load")
     time.sleep(float(os.environ.get("QUANTGATE_SLOW_LOAD_S", "30")))  # a quantization that overruns its budget
@@ -74,7 +80,7 @@ def _slow_load(pipe, request):
 
 
 FAULTS = {"fault-oom-load": _oom_load, "fault-oom-call": _oom_call, "fault-leak": _leak,
-          "fault-slow-load": _slow_load}
+          "fault-slow-load": _slow_load, "fault-ballast": _ballast_only}
 for _name, _fault in FAULTS.items():
     schemes.SCHEMES[_name] = Scheme(name=_name, summary="bf16 with an injected fault (test only)",
                                     backend="none", post_load=_fault)

@@ -9,17 +9,15 @@ stays within the budget (gate ``gpu_budget_fraction_used`` with ``budget = "16Gi
 import numpy as np
 import pytest
 
+from quantgate.applicability import except_schemes, gpu_budget_set
 from quantgate.budget import fraction_used, snapshot
 from quantgate.measure.memory import synchronize
 
-pytestmark = [pytest.mark.memory, pytest.mark.gpu_only]
+pytestmark = [pytest.mark.memory, pytest.mark.gpu_only, pytest.mark.applies.with_args(gpu_budget_set)]
 
 
 def test_runs_within_gpu_budget(case, pipeline, prompts, gpu_budget, gates):
     """The case runs end to end within the session's GPU budget."""
-    if gpu_budget.budget is None:
-        pytest.skip("no GPU budget: pass --quantgate-gpu-budget 16GiB (or another size) to check a smaller "
-                    "card's claims")
     if gpu_budget.cap is None and gpu_budget.not_enforced:
         pytest.skip(f"the GPU budget is not enforced in this session: {gpu_budget.not_enforced}")
     images = pipeline.generate(case, prompts.take(case.batch), seed=0)
@@ -34,15 +32,12 @@ def test_runs_within_gpu_budget(case, pipeline, prompts, gpu_budget, gates):
 
 
 @pytest.mark.after_timings
+@pytest.mark.applies.with_args(except_schemes("bf16", why="bf16's fastest offload variant that fits is the baseline itself"))
 def test_end_to_end_speedup_vs_offloaded_bf16(runs_here, records, gpu_budget, gates):
     """The scheme is x times faster prompt to image than bf16 with the fastest offload variant that
     fits the same budget (SVDQuant: 8.7x without offload on a 16 GB laptop 4090). Every variant of
     the scheme is measured; gates select the claim's (``variant = "eager"``)."""
     case = runs_here
-    if gpu_budget.budget is None:
-        pytest.skip("no GPU budget: the offloaded bf16 baseline is defined under --quantgate-gpu-budget")
-    if case.scheme == "bf16":
-        pytest.skip(f"{case.id} is bf16: its fastest offload variant that fits is the baseline itself")
     own = records.get(case, "end_to_end")
     if own is None:
         pytest.skip(f"{case.id} has no end-to-end timing in this session (tests/test_end_to_end.py deselected, "

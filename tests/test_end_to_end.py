@@ -7,6 +7,8 @@ the case, the footprint of every component, the peak memory of the run and its F
 import numpy as np
 import pytest
 
+from quantgate.applicability import not_the_baseline
+
 pytestmark = [pytest.mark.perf, pytest.mark.memory]
 
 # baseline scheme -> the suffix of its speedup metrics in gates.toml
@@ -28,6 +30,7 @@ def test_prompt_to_image(case, pipeline, bench, prompts, gates):
 
 
 @pytest.mark.gpu_only
+@pytest.mark.applies.with_args(not_the_baseline())
 @pytest.mark.parametrize("baseline", BASELINES)
 def test_end_to_end_speedup(case, baseline, speedup, gates):
     """Prompt to image is at least x times faster than with the eager baseline."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-pytestmark = [pytest.mark.memory, pytest.mark.per_pipeline]
+pytestmark = [pytest.mark.memory, pytest.mark.per_pipeline, pytest.mark.runs_first]
 
 
 def test_transformer_footprint_reduction(case, pipeline, gates):

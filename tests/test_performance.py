@@ -4,12 +4,10 @@ Timings are benchmark figures (pytest-benchmark, GPU synchronized, warm-up first
 gated only where fixtures/gates.toml names a gate, and only on GPUs.
 """
 
-import statistics
-
 import pytest
 import torch
 
-from quantgate.measure.timing import cuda_event_times
+from quantgate.applicability import not_the_baseline
 
 pytestmark = [pytest.mark.perf]
 
@@ -17,6 +15,7 @@ pytestmark = [pytest.mark.perf]
 BASELINES = {"bf16": "bf16", "bnb-nf4": "nf4"}
 
 
+@pytest.mark.runs_first
 def test_transformer_forward(case, pipeline, bench, gates):
     """One denoiser forward on fixed seeded inputs; FLOPs and achieved TFLOP/s are recorded, and
     no timed round compiled (a recompile would time the compiler, not the model)."""
@@ -29,6 +28,7 @@ def test_transformer_forward(case, pipeline, bench, gates):
 
 
 @pytest.mark.gpu_only
+@pytest.mark.applies.with_args(not_the_baseline())
 @pytest.mark.parametrize("baseline", BASELINES)
 def test_transformer_speedup(case, baseline, speedup, gates):
     """The scheme's transformer forward is at least x times faster than the eager baseline's."""
@@ -37,14 +37,22 @@ def test_transformer_speedup(case, baseline, speedup, gates):
 
 @pytest.mark.gpu_only
 @pytest.mark.per_pipeline
-def test_suite_timing_agrees_with_cuda_events(case, pipeline, records, gates, quantgate_run):
-    """The suite's median of a transformer forward matches a bare CUDA-event loop over it."""
-    suite = records.get(case, "transformer")
-    if suite is None:
-        pytest.skip(f"{case.id} has no transformer timing in this session to compare with")
-    inputs = pipeline.denoiser_inputs(case, seed=0)
+@pytest.mark.after_timings
+def test_suite_timing_agrees_with_cuda_events(runs_here, records, gates):
+    """The suite's median of a transformer forward agrees with CUDA events over the very same rounds.
 
-    events = statistics.median(cuda_event_times(lambda: pipeline.denoiser_forward(inputs), case.device,
-                                                rounds=max(quantgate_run.rounds, 5), warmup_rounds=1))
+    Both clocks time the same calls (quantgate's Bench records CUDA events inside pytest-benchmark's
+    rounds), so they disagree only by what the host adds: the first launch and the synchronize.
+    Agreement is gated where the GPU bounds the forward; a launch-bound path (the GPU busy for
+    less than 80% of the wall time, eager dynamic quantization) is recorded, not gated."""
+    measured = records.get(runs_here, "transformer")
+    if measured is None or measured.clocks.get("timing_disagreement_vs_cuda_events") is None:
+        pytest.skip(f"{runs_here.id} has no transformer timing with CUDA events in this session to compare "
+                    "(tests/test_performance.py::test_transformer_forward deselected, skipped or failed)")
+    clocks = measured.clocks
+    bound = {True: "_launch_bound", False: "", None: "_unclassified"}[clocks.get("launch_bound")]
+    values = {f"timing_disagreement_same_rounds{bound}": clocks["timing_disagreement_vs_cuda_events"]}
+    if clocks.get("gpu_busy_fraction") is not None:
+        values["gpu_busy_fraction"] = clocks["gpu_busy_fraction"]
 
-    gates.require("timing_disagreement_vs_cuda_events", abs(suite.median_s - events) / events)
+    gates.require_all(values)

@@ -18,20 +18,20 @@ import gc
 import pytest
 import torch
 
+from quantgate.applicability import scheme_marked, schemes
 from quantgate.models import get_model
 from quantgate.models.families import DenoiserShape, get_family
 from quantgate.nunchaku_lora import LoraFile, apply_loras, plan_loras, reset_loras, set_strength, write_synthetic_lora
 from quantgate.quant.lowrank import without_low_rank
 from quantgate.quant.svdquant import SVDQuantLinear
-from quantgate.schemes import get_scheme
 from quantgate.schemes import nunchaku as nk
 
 
 @pytest.mark.perf
+@pytest.mark.mutates_pipeline
+@pytest.mark.applies.with_args(scheme_marked("svdquant", "SVDQuant low-rank branch"))
 def test_low_rank_branch_cost(case, request, records, gates):
     """The forward without the low-rank branch, timed; the branch's share of the time is recorded."""
-    if "svdquant" not in get_scheme(case.scheme).markers:
-        pytest.skip(f"{case.scheme} has no SVDQuant low-rank branch")
     pipeline, bench = request.getfixturevalue("pipeline"), request.getfixturevalue("bench")
     inputs = pipeline.denoiser_inputs(case, seed=0)
 
@@ -58,13 +58,10 @@ def _forward(transformer, inputs) -> torch.Tensor:
 
 @pytest.mark.lora
 @pytest.mark.per_pipeline
+@pytest.mark.applies.with_args(schemes(*LORA_SCHEMES))
 def test_lora_without_requantization(case, request, quantgate_run, tmp_path):
     """LoRAs load into the 4-bit model as they are: strength 0 and reset give the base model back,
     and composed LoRAs carry their own strengths (nunchaku's compose_lora)."""
-    if case.scheme not in LORA_SCHEMES:
-        pytest.skip(f"LoRA without re-quantization through nunchaku's API is checked on its "
-                    f"{', '.join(LORA_SCHEMES)}, not {case.scheme} (svdquant-ref: "
-                    "test_a_lora_goes_into_the_branches_and_leaves_the_residuals_untouched)")
     request.getfixturevalue("runs_here")  # skips with the hardware / engine reason
     found = nk.locate(get_model(case.model), case.scheme.removeprefix("svdq-"))
     if isinstance(found, str):
@@ -123,14 +120,12 @@ def _unchanged(layers: dict[str, SVDQuantLinear], saved: dict[str, list[torch.Te
 
 @pytest.mark.lora
 @pytest.mark.per_pipeline
+@pytest.mark.applies.with_args(schemes("svdquant-ref"))
 def test_a_lora_goes_into_the_branches_and_leaves_the_residuals_untouched(case, request):
     """svdquant-ref (SVDQuant section 4.4: a LoRA fuses into the low-rank branch): loading the
     model's synthetic LoRA grows exactly the branches of the layers it targets by its rank, the
     packed 4-bit residuals and their scales keep every byte through load, strengths and unload,
     and unload gives every layer its very branch back."""
-    if case.scheme != "svdquant-ref":
-        pytest.skip(f"{case.scheme} is not svdquant-ref, whose own LoRA path this checks (nunchaku's svdq-*: "
-                    "test_lora_without_requantization)")
     adapters, pipeline = request.getfixturevalue("lora_adapters"), request.getfixturevalue("pipeline")
     layers = {n: m for n, m in pipeline.denoiser.named_modules() if isinstance(m, SVDQuantLinear)}
     saved = _residuals(layers)

@@ -7,6 +7,11 @@ the two writers of this session's ``BenchmarkSession`` with ones that serialize 
 (pytest-benchmark's ``safe_dumps``) and rename into place through ``quantgate.atomic``.
 Other storage backends (elasticsearch) are left alone.
 
+A run that benchmarks nothing (every test skipped, or only memory and quality tests) gets a
+``--benchmark-json`` too, through pytest-benchmark's own hooks with an empty ``benchmarks``
+list: pytest-benchmark writes nothing then, which would leave the previous run's file in place
+(5.3) or an empty one (5.2), and the gate verdicts, skips and outcomes recorded nowhere.
+
 This is a plugin module (``quantgate.plugin``'s ``pytest_plugins``): other modules import it
 inside functions, since importing it before pytest registers it makes pytest warn that it
 cannot rewrite its asserts.
@@ -55,6 +60,20 @@ def _storage_save(self: Any, output_json: dict[str, Any], save: str) -> None:
     self.logger.info(f"Saved benchmark data in: {output_file}")
 
 
+def _handle_saving(self: Any, original: Any) -> None:
+    if self.benchmarks or not self.json or self.disabled:
+        return original()
+    machine_info = self.get_machine_info()
+    hook = self.config.hook
+    commit_info = hook.pytest_benchmark_generate_commit_info(config=self.config)
+    hook.pytest_benchmark_update_commit_info(config=self.config, commit_info=commit_info)
+    output_json = hook.pytest_benchmark_generate_json(config=self.config, benchmarks=[], include_data=True,
+                                                      machine_info=machine_info, commit_info=commit_info)
+    hook.pytest_benchmark_update_json(config=self.config, benchmarks=[], output_json=output_json)
+    self.save_json(output_json)
+    return None
+
+
 def make_atomic(bs: Any) -> bool:
     """Route ``bs`` (a pytest-benchmark ``BenchmarkSession``) writes through atomic renames.
 
@@ -63,6 +82,9 @@ def make_atomic(bs: Any) -> bool:
     if not callable(getattr(bs, "save_json", None)):
         return False
     bs.save_json = types.MethodType(_save_json, bs)
+    if callable(getattr(bs, "handle_saving", None)):
+        original = bs.handle_saving
+        bs.handle_saving = types.MethodType(lambda self: _handle_saving(self, original), bs)
     try:
         from pytest_benchmark.storage.file import FileStorage
     except ImportError:  # pragma: no cover - a pytest-benchmark without file storage

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from quantgate import options
 from quantgate.budget import (
     AllocatorCap,
     BudgetTooSmall,
@@ -180,7 +181,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    raw = config.getoption("quantgate_gpu_budget") or config.getini("quantgate_gpu_budget") or None
+    raw = options.value(config, "gpu-budget")
     state = GpuBudget()
     if raw:
         try:
@@ -240,6 +241,12 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     case = _case(item)
     if case is not None:
         item.config.stash[_BUDGET].sample(case)
+
+
+def session_budget(config: pytest.Config) -> int | None:
+    """The session's GPU budget in bytes (``--quantgate-gpu-budget``), or None."""
+    state = config.stash.get(_BUDGET, None)
+    return state.budget if state is not None else None
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,40 @@ def build_cases(selection: Selection, choose_source: Callable[[ModelSpec, str], 
     return cases
 
 
+def plan_cases(plan: Any, test: str | None, selection: Selection, choose_source: Callable[[ModelSpec, str], str],
+               tiers: Sequence[str] = ("gpu", "cpu"), per_pipeline: bool = False) -> list[Case]:
+    """The cases ``plan`` (a ``quantgate.plans.Plan``) selects for test function ``test`` (None:
+    for any test) in ``tiers``, in the plan's order, each once.
+
+    ``selection`` gives the source and the steps/resolution overrides. With ``per_pipeline``
+    only the smallest batch of each model, scheme and variant is kept (a property of the loaded
+    pipeline, such as its footprint, does not depend on the batch).
+    """
+    found: dict[str, Case] = {}
+    for tier in tiers:
+        device = TIERS[tier]
+        for entry in plan.entries:
+            if tier not in entry.tiers or (test is not None and not entry.selects_test(test)):
+                continue
+            for model in entry.models:
+                spec = get_model(model)
+                source = choose_source(spec, device) if tier == "gpu" else "tiny"
+                for scheme in entry.schemes:
+                    for variant in entry.variants:
+                        for batch in entry.batches:
+                            case = make_case(spec, source, scheme, variant, batch, device, selection)
+                            found.setdefault(case.id, case)
+    cases = list(found.values())
+    if per_pipeline:
+        smallest: dict[tuple, Case] = {}
+        for case in cases:
+            key = case.pipeline_key
+            if key not in smallest or case.batch < smallest[key].batch:
+                smallest[key] = case
+        cases = [c for c in cases if smallest[c.pipeline_key] is c]
+    return cases
+
+
 def selector_vocabulary() -> dict[str, list[Any]]:
     """The valid value of each attribute a gates.toml selector matches, from the registries."""
     from quantgate.hardware import HARDWARE_CLASSES

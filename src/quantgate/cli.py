@@ -15,6 +15,7 @@
     quantgate eval MODEL --captions F --reference-dir D --out O
                                           generate for a caption set, FID and CLIP score (resumable)
     quantgate cache list|clear            what the suite keeps on disk; clear by kind, age or size (LRU)
+    quantgate plan [NAME]                 what a plan selects (fixtures/plans/) and its expected time
 """
 
 from __future__ import annotations
@@ -72,13 +73,13 @@ def _materialize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plans(path: str | None) -> "Plans":  # noqa: F821 - imported lazily
-    from quantgate.report.plans import load_plans
+def _claims(path: str | None) -> Claims:  # noqa: F821 - imported lazily
+    from quantgate.report.claims import load_claims
 
-    plans = Path(path) if path else Path("fixtures/plans.toml")
-    if not plans.is_file():
-        raise QuantgateError(f"{plans} not found: pass --plans FILE (the repository's fixtures/plans.toml)")
-    return load_plans(plans)
+    claims = Path(path) if path else Path("fixtures/claims.toml")
+    if not claims.is_file():
+        raise QuantgateError(f"{claims} not found: pass --claims FILE (the repository's fixtures/claims.toml)")
+    return load_claims(claims)
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -87,7 +88,7 @@ def _summary(args: argparse.Namespace) -> int:
     from quantgate.report.build import build_report
     from quantgate.report.document import to_markdown
 
-    text = to_markdown(build_report(load_runs(args.benchmark_json), _plans(args.plans), args.title))
+    text = to_markdown(build_report(load_runs(args.benchmark_json), _claims(args.claims), args.title))
     if args.output:
         atomic_write_text(args.output, text)
     else:
@@ -99,7 +100,7 @@ def _report(args: argparse.Namespace) -> int:
     from quantgate.report import load_runs
     from quantgate.report.build import write_report
 
-    html_file, md_file = write_report(load_runs(args.benchmark_json), _plans(args.plans), args.title, args.output)
+    html_file, md_file = write_report(load_runs(args.benchmark_json), _claims(args.claims), args.title, args.output)
     print(f"{html_file}\n{md_file}")
     if args.screenshot:
         from quantgate.report.browser import screenshot
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark_json", nargs="+", help="files written by pytest --benchmark-json (merged if several)")
     p.add_argument("-o", "--output", required=True, help="directory for report.html and report.md")
     p.add_argument("--title", default="quantgate report", help="the report's heading")
-    p.add_argument("--plans", help="success criteria and budgets (default: fixtures/plans.toml)")
+    p.add_argument("--claims", help="the claims' success criteria and memory budgets (default: fixtures/claims.toml)")
     p.add_argument("--screenshot", action="store_true", help="also render report.png in headless Chromium")
     p.add_argument("--screenshot-height", type=int, default=2400, help="pixels (default: 2400)")
     p.set_defaults(func=_report)
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark_json", nargs="+", help="files written by pytest --benchmark-json")
     p.add_argument("-o", "--output", help="write here instead of standard output")
     p.add_argument("--title", default="quantgate run", help="the summary's heading")
-    p.add_argument("--plans", help="success criteria and budgets (default: fixtures/plans.toml)")
+    p.add_argument("--claims", help="the claims' success criteria and memory budgets (default: fixtures/claims.toml)")
     p.set_defaults(func=_summary)
 
     p = sub.add_parser("compare", help="noise-aware comparison of benchmark runs across commits; exit 1 on regression")
@@ -285,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     from quantgate.cli_eval import add_eval_parser
 
     add_eval_parser(sub)
+
+    # -- plans: what one selects and how long it takes --
+    from quantgate.cli_plan import add_plan_parser
+
+    add_plan_parser(sub)
 
     # -- disk caches: list, clear, LRU eviction --
     from quantgate.cli_cache import add_cache_parser

@@ -156,13 +156,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """(controller) Schedule whole pipeline groups (see ``quantgate.scheduling``)."""
     if config.getoption("dist", "no") != "loadgroup":
         return None
-    from quantgate.cases import build_cases
+    from quantgate.cases import plan_cases
     from quantgate.plugin import _run
     from quantgate.scheduling import group_of_nodeid, pipeline_scheduler
 
     run = _run(config)
     unit = config.getoption("quantgate_spread_by")
-    groups = {case.id: spread_unit(case.pipeline_key, unit) for case in build_cases(run.selection, run.choose_source)}
+    groups = {case.id: spread_unit(case.pipeline_key, unit)
+              for case in plan_cases(run.plan, None, run.selection, run.choose_source)}
     return pipeline_scheduler(config, log, lambda nodeid: group_of_nodeid(nodeid, groups))
 
 

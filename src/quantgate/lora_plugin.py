@@ -5,11 +5,10 @@
   case's model and once per user LoRA (ids end in ``-synthetic`` / ``-user-<name>``).
 - ``lora_adapters``: LoRA operations on the case's pipeline; skips with the reason when the
   scheme cannot take a LoRA; on teardown every LoRA is unloaded, and a pipeline whose weights
-  may have changed (fused into, re-quantized; a failed load) is released so no later test
-  sees them.
+  may have changed (fused into, re-quantized; a failed load) is reloaded before the next test.
+  Tests using it run after the tests that only read the pipeline (``quantgate.ordering``).
 - ``lora``: the LoRA file a test applies. ``lora_reference``: this session's bf16 eager
   outputs with and without the same LoRA, which quantized cases are compared with.
-- Tests marked ``alters_pipeline`` run after the other tests sharing their pipeline.
 """
 
 from __future__ import annotations
@@ -44,10 +43,6 @@ SYNTHETIC = "synthetic"
 _USER_LORAS = pytest.StashKey[list[UserLora]]()
 _OUTPUTS = pytest.StashKey[dict[tuple, Any]]()
 _REFUSED = pytest.StashKey[dict[tuple, str]]()  # pipeline key -> why its layers refused a LoRA
-_ALTERED = pytest.StashKey[set[tuple]]()  # pipeline keys whose loaded weights a LoRA test may have changed
-# Ordering within the tests sharing a pipeline: plain tests, then tests comparing the timings
-# the others recorded, then tests that change the weights (they do not need pristine ones).
-_LATE_MARKERS = ("after_timings", "alters_pipeline")
 # Exceptions peft's merge raises for a layer type it cannot fuse into (a torchao config it
 # cannot re-apply per layer, int4 weights, a weight without dequantize).
 _FUSE_REFUSALS = (ValueError, NotImplementedError, TypeError)
@@ -63,10 +58,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "alters_pipeline: may change the loaded pipeline's weights; runs after the "
-                                       "other tests sharing that pipeline, which is released afterwards")
-    config.addinivalue_line("markers", "after_timings: compares timings other tests of the same pipeline record; "
-                                       "runs after them")
     values = list(config.getoption("quantgate_lora") or []) or list(config.getini("quantgate_lora"))
     try:
         entries = parse_lora_option(values, model_names())
@@ -78,7 +69,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_USER_LORAS] = entries
     config.stash[_OUTPUTS] = {}
     config.stash[_REFUSED] = {}
-    config.stash[_ALTERED] = set()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -89,23 +79,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                          ids=[SYNTHETIC, *(f"user-{e.id}" for e in entries)])
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Within each run of tests sharing a pipeline: ``after_timings`` tests, then ``alters_pipeline`` tests last."""
-    from quantgate.plugin import _case_of
-
-    group_start: dict[tuple[str, ...] | None, int] = {}
-    keys = []
-    for index, item in enumerate(items):
-        case = _case_of(item)
-        key = case.pipeline_key if case is not None else None
-        start = group_start.setdefault(key, index) if key is not None else index
-        late = [i + 1 for i, name in enumerate(_LATE_MARKERS) if item.get_closest_marker(name) is not None]
-        keys.append((start, max(late, default=0), index))
-    order = {id(item): key for item, key in zip(items, keys, strict=True)}
-    items.sort(key=lambda item: order[id(item)])
-
-
 class LoraKit:
     """LoRA operations on one case's pipeline, turning 'cannot' into a skip that says why."""
 
@@ -114,6 +87,10 @@ class LoraKit:
         self.spec = get_model(case.model)
         self.scheme = get_scheme(case.scheme)
         self.adapters = Adapters(loaded.pipe, self.spec.denoiser, self.scheme, case.model)
+
+    def release(self) -> None:
+        """Drop every reference to the pipeline (the plugin measures what its release frees)."""
+        self.adapters.pipe = self.adapters.native = self.loaded = None
 
     def synthetic(self, index: int = 0) -> LoraFile:
         """The ``index``-th synthetic LoRA of this model (seed = session seed + index)."""
@@ -184,27 +161,9 @@ def lora_adapters(runs_here: Case, quantgate_run: Any, request: pytest.FixtureRe
         try:
             kit.adapters.close()
         finally:
-            if kit.adapters.altered:
-                request.config.stash[_ALTERED].add(runs_here.pipeline_key)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Release a pipeline whose weights a LoRA test may have changed, unless the next test is
-    another ``alters_pipeline`` test of it (those need no pristine weights): later tests load afresh."""
-    from quantgate.plugin import _case_of, _release, _run
-
-    altered, case = item.config.stash[_ALTERED], _case_of(item)
-    if case is None or case.pipeline_key not in altered:
-        return
-    following = _case_of(nextitem)
-    if (following is not None and following.pipeline_key == case.pipeline_key
-            and nextitem.get_closest_marker("alters_pipeline") is not None):
-        return
-    altered.discard(case.pipeline_key)
-    run = _run(item.config)
-    if run.pipelines.current is not None and run.pipelines.current.case_key == case.pipeline_key:
-        _release(run, case, item.nodeid)
+            if kit.adapters.altered:  # fused into, or a failed load: the plugin reloads it for the next test
+                quantgate_run.altered.add(runs_here.pipeline_key)
+            kit.release()
 
 
 @pytest.fixture

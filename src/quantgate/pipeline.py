@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from packaging.version import Version
 
+from quantgate import fingerprint
 from quantgate.cases import Case
 from quantgate.errors import PipelineBuildError, SourceInvalid, SourceUnavailable
 from quantgate.frames import clear_exception_frames
@@ -27,6 +28,7 @@ from quantgate.measure.memory import allocated_bytes, release_memory, synchroniz
 from quantgate.models import ModelSpec, get_model
 from quantgate.models.families import DenoiserShape, get_family, vae_scale
 from quantgate.models.sources import ResolvedSource, SourceContext, get_source
+from quantgate.phases import Phases, maybe
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.schemes import Scheme, get_scheme
 from quantgate.schemes.base import QuantizationRequest
@@ -54,6 +56,14 @@ class LoadedPipeline:
     footprints: dict[str, Footprint]
     denoiser_reference_bytes: int
     notes: dict[str, Any] = field(default_factory=dict)
+    # Its structure as loaded: every test of its group must leave it so (``changes``).
+    fingerprint_at_load: fingerprint.Fingerprint | None = None
+
+    def changes(self) -> list[str]:
+        """What differs from the pipeline as loaded (modules, tensors, hooks, adapters, compile state)."""
+        if self.fingerprint_at_load is None or self.pipe is None:
+            return []
+        return fingerprint.differences(self.fingerprint_at_load, fingerprint.take(self.pipe))
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -161,11 +171,32 @@ def _load_denoiser_on_device(spec: ModelSpec, source: ResolvedSource, config: An
     return spec.component(spec.denoiser).load_class().from_pretrained(source.path, **kwargs)
 
 
-def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettings | None = None) -> LoadedPipeline:
+def _install_lazy_hooks(pipe: Any) -> None:
+    """Install now the hooks libraries would add at the first call, so the load fingerprint holds them.
+
+    transformers 5 installs its output-capturing forward hooks on a text encoder's layers the
+    first time it runs (and keeps them): state of the library, not a change a test made.
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers < 5 captures outputs without hooks
+        return
+    for module in fingerprint.components(pipe).values():
+        if isinstance(module, PreTrainedModel):
+            try:
+                maybe_install_capturing_hooks(module)
+            except (AttributeError, KeyError, TypeError):  # a model without capture specs: nothing to install
+                pass
+
+
+def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettings | None = None,
+                  phases: Phases | None = None) -> LoadedPipeline:
     """Resolve the case's source, load it with its scheme on its device, apply its variant.
 
     ``calibration`` (prompts, samples, seed) is handed to schemes that calibrate; the call
-    arguments (steps, guidance, resolution) come from the case.
+    arguments (steps, guidance, resolution) come from the case. ``phases`` (a session's) is
+    charged with the load and, apart, with a scheme's own quantization or calibration.
     """
     spec = get_model(case.model)
     scheme = get_scheme(case.scheme)
@@ -196,8 +227,9 @@ def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettin
     notes: dict[str, Any] = dict(plan.notes)
     if scheme.post_load is not None:
         start = time.perf_counter()
-        notes.update(scheme.post_load(pipe, request))
-        synchronize(case.device)
+        with maybe(phases, "quantizing"):
+            notes.update(scheme.post_load(pipe, request))
+            synchronize(case.device)
         notes["post_load_seconds"] = round(time.perf_counter() - start, 3)
     notes.update(variant.apply(getattr(pipe, spec.denoiser)))
     if variant.prepare is not None:
@@ -206,8 +238,14 @@ def load_pipeline(case: Case, ctx: SourceContext, calibration: CalibrationSettin
                   if isinstance(module, torch.nn.Module)}
     denoiser = spec.component(spec.denoiser)
     reference = reference_bytes(denoiser.load_class(), source.path / spec.denoiser / "config.json")
-    return LoadedPipeline(case.pipeline_key, spec, scheme, source, case.device, pipe, load_seconds,
-                          footprints, reference, notes)
+    _install_lazy_hooks(pipe)
+    loaded = LoadedPipeline(case.pipeline_key, spec, scheme, source, case.device, pipe, load_seconds,
+                            footprints, reference, notes, fingerprint_at_load=fingerprint.take(pipe))
+    # A library that logs an exception while this runs (bitsandbytes does, when an import inside
+    # from_pretrained fails) keeps this frame alive through the record's traceback, and a frame
+    # kept alive keeps its locals: none of them may hold the pipeline or its modules.
+    pipe = kwargs = plan = request = None  # noqa: F841
+    return loaded
 
 
 @dataclass(frozen=True)
@@ -247,9 +285,11 @@ def _drop_exception_state() -> None:
 class PipelineCache:
     """Keeps at most one loaded pipeline; tests that share a key reuse it."""
 
-    def __init__(self, ctx: SourceContext, calibration: CalibrationSettings | None = None):
+    def __init__(self, ctx: SourceContext, calibration: CalibrationSettings | None = None,
+                 phases: Phases | None = None):
         self.ctx = ctx
         self.calibration = calibration
+        self.phases = phases
         self.current: LoadedPipeline | None = None
         self.failures: dict[tuple[str, ...], str] = {}
         self.baselines: dict[str, int | None] = {}  # per device, before the session's first load
@@ -269,7 +309,8 @@ class PipelineCache:
         self._before_load = allocated_bytes(case.device)
         self.baselines.setdefault(case.device, self._before_load)
         try:
-            self.current = load_pipeline(case, self.ctx, self.calibration)
+            with maybe(self.phases, "loading"):
+                self.current = load_pipeline(case, self.ctx, self.calibration, self.phases)
         except (SourceUnavailable, SourceInvalid):
             raise  # cheap to re-check, and the plugin turns them into a skip / usage error
         except (KeyboardInterrupt, SystemExit):

@@ -17,27 +17,30 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from quantgate import __version__
-from quantgate.cases import Case, Selection, build_cases, selector_vocabulary
+from quantgate import __version__, applicability, options, ordering, session_summary
+from quantgate.cases import TIERS, Case, Selection, plan_cases, selector_vocabulary
 from quantgate.errors import ConfigFileError, QuantgateError, SourceInvalid, SourceUnavailable, UnknownNameError
-from quantgate.gates import GateBook, Verdict, format_value
+from quantgate.gates import GateBook, Verdict
 from quantgate.hardware import DeviceInfo, cuda_available, device_info, machine_facts, no_cuda_reason
 from quantgate.known_failures import KnownFailures
+from quantgate.measure import gpu_state
 from quantgate.measure.flops import bf16_matmul_peak_tflops
 from quantgate.measure.memory import synchronize, track_peak
-from quantgate.measure.timing import CompilesInTimedRounds, pedantic
+from quantgate.measure.timing import CompilesInTimedRounds, EventClock, gpu_busy_seconds, pedantic
 from quantgate.models import ModelSpec, get_model, model_names
 from quantgate.models.registry import load_models
 from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
+from quantgate.phases import Phases
 from quantgate.pipeline import LoadedPipeline, PipelineCache, Release
+from quantgate.plans import Plan, matrix
 from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.records import Measurement, Records
@@ -67,11 +70,17 @@ BASE_MARKERS = {
     "slow": "takes minutes even on a GPU",
     "per_pipeline": "a property of the loaded pipeline: parametrized over the smallest batch only",
     "gpu_only": "a claim about GPUs (speed, GPU memory): parametrized over the GPU tier only",
+    "applies": "applies(condition): the (test, case) pairs for which condition(case, params, config) returns a "
+               "reason are not generated (quantgate.applicability)",
 }
 
 
 class QuantgateLeakWarning(UserWarning):
-    """GPU memory stayed allocated after a pipeline was released."""
+    """GPU memory stayed allocated after a pipeline was released.
+
+    Kept for code that filters it by name: a leak over the ``leaked_gpu_bytes`` gate now fails
+    the test whose teardown released the pipeline, so nothing issues this warning any more.
+    """
 
 
 _RUN_KEY = pytest.StashKey["QuantgateRun"]()
@@ -88,7 +97,9 @@ def default_cache_dir() -> Path:
 # -- options --------------------------------------------------------------------------------
 
 _OPTIONS: dict[str, tuple[str, str | None]] = {
-    # name: (help, default); each is also an ini key quantgate_<name>.
+    # name: (help, default); each is also an ini key quantgate_<name>, and a plan may set it.
+    "plan": ("a named selection of tests and cases from <rootdir>/fixtures/plans/ (or a .toml path); default: "
+             "merge, unless --quantgate-models/-schemes/-variants/-batch select on their own", None),
     "models": ("comma-separated models (default: all registered)", None),
     "schemes": ("comma-separated schemes (default: all registered)", None),
     "variants": ("comma-separated variants (default: eager)", "eager"),
@@ -133,11 +144,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _option(config: pytest.Config, name: str) -> str | None:
-    key = f"quantgate_{name.replace('-', '_')}"
-    value = config.getoption(key)
-    if value is None:
-        value = config.getini(key) or None
-    return value if value is not None else _OPTIONS[name][1]
+    return options.value(config, name, _OPTIONS[name][1])
 
 
 def _calibration(config: pytest.Config) -> CalibrationSettings:
@@ -156,6 +163,28 @@ def _calibration(config: pytest.Config) -> CalibrationSettings:
         return CalibrationSettings(prompts, seed=seed, prompts_file=str(path))
     n = _int(samples, "calibration-samples", 1) or 1
     return CalibrationSettings(prompts, samples=n, cpu_samples=n, seed=seed, prompts_file=str(path))
+
+
+def _plan(config: pytest.Config) -> Plan:
+    """The session's plan (``quantgate.plans``), narrowed or widened by the explicit selection options."""
+    given = {name: options.given(config, name) for name in options.SELECTION_OPTIONS}
+    models = _names(given["models"], model_names(), "model", get_model) if given["models"] is not None else None
+    schemes = _names(given["schemes"], scheme_names(), "scheme", get_scheme) if given["schemes"] is not None else None
+    variants = _names(given["variants"], list(VARIANTS), "variant", get_variant) \
+        if given["variants"] is not None else None
+    batches = None
+    if given["batch"] is not None:
+        batches = sorted({_int(b.strip(), "batch", 1) for b in given["batch"].split(",") if b.strip()})
+        if not batches:
+            raise pytest.UsageError("--quantgate-batch is empty")
+    plan = options.session_plan(config)
+    if plan is None:
+        return matrix(models or model_names(), schemes or scheme_names(), variants or ["eager"], batches or [1])
+    known = {name for name in vars(config.option) if name.startswith("quantgate_")}
+    unknown = sorted(k for k in plan.options if options.dest(k) not in known)
+    if unknown:
+        raise pytest.UsageError(f"{plan.path}: [options] names {unknown[0]!r}, which is no --quantgate option")
+    return plan.narrowed(models, schemes, variants, batches)
 
 
 def _names(value: str | None, valid: Sequence[str], kind: str, lookup: Callable[[str], Any]) -> list[str]:
@@ -254,6 +283,14 @@ class QuantgateRun:
     spread_note: str = ""
     # Attributes of the whole session that gates select on besides the case's (budget: "16GiB").
     session_attrs: dict[str, Any] = field(default_factory=dict)
+    # Pipelines a test may have changed for good (a LoRA fused, a failed LoRA load): released
+    # after that test, so the next one loads afresh.
+    altered: set[tuple[str, ...]] = field(default_factory=set)
+    plan: Plan | None = None
+    phases: Phases = field(default_factory=Phases)  # where the session's wall time went
+    # (test, case) pairs not generated, by reason: GPU cases without a GPU, GPU-only schemes on
+    # the CPU tier, tests that cannot apply to a scheme (quantgate.applicability)
+    left_out: Counter[str] = field(default_factory=Counter)
     _devices: dict[str, DeviceInfo] = field(default_factory=dict)
     _peaks: dict[str, float | None] = field(default_factory=dict)
     _sources: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -270,19 +307,11 @@ class QuantgateRun:
         source = _option(config, "source") or AUTO
         if source != AUTO and source not in SOURCES:
             raise pytest.UsageError(str(UnknownNameError("source", source, [*SOURCES, AUTO])))
-        batches_raw = _option(config, "batch") or "1"
-        batches = sorted({_int(b.strip(), "batch", 1) for b in batches_raw.split(",") if b.strip()})
-        if not batches:
-            raise pytest.UsageError("--quantgate-batch is empty")
-        selection = Selection(
-            models=_names(_option(config, "models"), model_names(), "model", get_model),
-            schemes=_names(_option(config, "schemes"), scheme_names(), "scheme", get_scheme),
-            variants=_names(_option(config, "variants"), list(VARIANTS), "variant", get_variant),
-            batches=tuple(batches),  # type: ignore[arg-type]
-            source=source,
-            steps=_int(_option(config, "steps"), "steps", 1),
-            resolution=_resolution(_option(config, "resolution")),
-        )
+        plan = _plan(config)
+        selection = Selection(models=plan.models(), schemes=plan.schemes(), variants=plan.variants(),
+                              batches=plan.batches(), source=source,
+                              steps=_int(_option(config, "steps"), "steps", 1),
+                              resolution=_resolution(_option(config, "resolution")))
         cache_dir = Path(_option(config, "cache-dir") or default_cache_dir()).expanduser()
         # Compiled kernels persist across runs next to the synthetic weights (unless the user
         # already chose a place): the second run of a compile variant is much cheaper.
@@ -305,14 +334,17 @@ class QuantgateRun:
                                                           or config.rootpath / "fixtures" / "known_failures.toml")))
         except ConfigFileError as exc:
             raise pytest.UsageError(str(exc)) from None
+        phases = Phases()
         return cls(
+            phases=phases,
+            plan=plan,
             selection=selection,
             ctx=ctx,
             gates=gates,
             prompts_path=Path(_option(config, "prompts") or config.rootpath / "fixtures" / "prompts" / "gate.txt"),
             rounds=_int(_option(config, "rounds"), "rounds", 1) or 1,
             warmup_rounds=_int(_option(config, "warmup"), "warmup", 0) or 0,
-            pipelines=PipelineCache(ctx, _calibration(config)),
+            pipelines=PipelineCache(ctx, _calibration(config), phases),
             golden_dir=_display_path(Path(_option(config, "golden-dir") or config.rootpath / "golden_images")),
             update_golden=bool(config.getoption("quantgate_update_golden")),
             known_failures=None if config.getoption("quantgate_run_known_failures") else known,
@@ -356,6 +388,25 @@ class QuantgateRun:
             self._clip = ClipScorer(self.clip_model, device)
         return self._clip
 
+    def cannot_exist(self, case: Case) -> str | None:
+        """Why ``case`` is not generated on this machine at all, or None.
+
+        GPU cases need a GPU; the CPU tier holds only schemes and variants that run on a CPU;
+        a scheme made for some models only has no case of the others. What could run here
+        with other packages or another GPU is generated and skips, saying why.
+        """
+        if case.device == "cuda" and not cuda_available() and not os.environ.get(options.PLAN_PREVIEW_ENV):
+            return f"GPU cases: {no_cuda_reason()}"
+        requires = get_scheme(case.scheme).requires
+        if case.device not in requires.devices:
+            return f"schemes that run only on {' or '.join(sorted(requires.devices))}: not on the {case.tier} tier"
+        if requires.models is not None and case.model not in requires.models:
+            return f"{case.scheme} supports only {', '.join(sorted(requires.models))}"
+        variant = get_variant(case.variant)
+        if case.device not in variant.devices:
+            return f"variant {case.variant} runs only on {', '.join(sorted(variant.devices))}"
+        return None
+
     def skip_reason(self, case: Case) -> str | None:
         """Why ``case`` cannot run on this machine, or None."""
         if case.device == "cuda" and not cuda_available():
@@ -396,6 +447,10 @@ class QuantgateRun:
                           "source": self.selection.source, "steps": self.selection.steps,
                           "resolution": self.selection.resolution, "rounds": self.rounds,
                           "warmup_rounds": self.warmup_rounds, "seed": self.ctx.seed},
+            "plan": self.plan.as_dict() if self.plan is not None else None,
+            "not_generated": dict(self.left_out),
+            "wall_seconds": round(self.phases.wall_seconds(), 1),
+            "phases": self.phases.totals(),
             "verdicts": self.verdicts,
             "artifacts": self.artifacts,
             "releases": self.releases,
@@ -431,6 +486,7 @@ def pytest_configure(config: pytest.Config) -> None:
     markers.update({m: f"cases of the {m} backend" for m in scheme_markers()})
     markers.update({spec.family: f"cases of the {spec.family} model family"
                     for spec in (get_model(n) for n in model_names())})
+    markers.update(ordering.ROLE_MARKERS)
     for name, text in markers.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     run = QuantgateRun.from_config(config)
@@ -441,24 +497,69 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``case`` with the cases the plan selects for this test that can run on this machine."""
     if "case" not in metafunc.fixturenames:
         return
     run = _run(metafunc.config)
     per_pipeline = metafunc.definition.get_closest_marker("per_pipeline") is not None
-    tiers = ("gpu",) if metafunc.definition.get_closest_marker("gpu_only") else ("gpu", "cpu")
-    cases = build_cases(run.selection, run.choose_source, tiers=tiers, per_pipeline=per_pipeline)
+    tiers = [t for t in (("gpu",) if metafunc.definition.get_closest_marker("gpu_only") else ("gpu", "cpu"))
+             if _tier_selected(metafunc.config, t)]
     params = []
-    for case in cases:
+    for case in plan_cases(run.plan, metafunc.function.__name__, run.selection, run.choose_source, tiers=tiers,
+                           per_pipeline=per_pipeline):
+        if reason := run.cannot_exist(case):
+            run.left_out[reason] += 1
+            continue
         marks = [getattr(pytest.mark, case.tier), getattr(pytest.mark, get_model(case.model).family)]
         marks += [getattr(pytest.mark, m) for m in get_scheme(case.scheme).markers]
         # xdist's loadgroup keeps tests that share a pipeline on one worker (built once there).
         marks.append(pytest.mark.xdist_group(pipeline_group(case.pipeline_key)))
         params.append(pytest.param(case, id=case.id, marks=marks))
+    # No case left: pytest would make one skipped "empty parameter set" test; it is removed at
+    # collection (pytest_collection_modifyitems), counted with the reasons above.
     metafunc.parametrize("case", params)
 
 
+def _tier_selected(config: pytest.Config, tier: str) -> bool:
+    """Whether ``-m`` can select cases of ``tier`` (``-m gpu`` generates no CPU-tier cases, so
+    nothing is counted as left out there). Other marker names are tried all true and all false."""
+    expression = config.getoption("markexpr", "") or ""
+    if not expression:
+        return True
+    from _pytest.mark.expression import Expression
+
+    try:
+        compiled = Expression.compile(expression)
+    except Exception:  # noqa: BLE001 - pytest reports a bad -m expression itself
+        return True
+    return any(compiled.evaluate(lambda name, *_, **__: name == tier if name in TIERS else others)
+               for others in (True, False))
+
+
+def _without_cases(item: pytest.Item) -> bool:
+    """A test taking ``case`` that the plan gave no case here (pytest's empty parameter set)."""
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "case" in callspec.params and not isinstance(callspec.params["case"], Case)
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run tests that share a pipeline back to back (one load each); harness tests first."""
+    """Leave out the (test, case) pairs that cannot apply (``quantgate.applicability``); run tests
+    that share a pipeline back to back (one load each), readers before the tests that change it
+    (``quantgate.ordering``); harness tests first."""
+    run = _run(config)
+    kept, dropped = [], []
+    for item in items:
+        case = _case_of(item)
+        reason = None if case is None else applicability.reason_not_applicable(item, case)
+        if reason:
+            run.left_out[reason] += 1
+        if reason or _without_cases(item):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        items[:] = kept
+        config.hook.pytest_deselected(items=dropped)
     groups: dict[tuple[str, ...], int] = {}
     for item in items:
         case = _case_of(item)
@@ -466,12 +567,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             groups.setdefault(case.pipeline_key, len(groups))
     order = {id(item): index for index, item in enumerate(items)}
 
-    def key(item: pytest.Item) -> tuple[int, int, int]:
+    def key(item: pytest.Item) -> tuple[int, int, float, int]:
         case = _case_of(item)
-        return (0, 0, order[id(item)]) if case is None else (1, groups[case.pipeline_key], order[id(item)])
+        if case is None:
+            return (0, 0, 0, order[id(item)])
+        return (1, groups[case.pipeline_key], ordering.role(item), order[id(item)])
 
     items.sort(key=key)
-    run = _run(config)
     for item in items:
         case = _case_of(item)
         if case is not None:
@@ -480,71 +582,108 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                                            "batch": case.batch, "device": case.device}
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Release the pipeline once no following test needs it (after fixture teardown)."""
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """Charge a test body's time to its kind (quality, LoRA, other tests) unless a phase inside claims it."""
+    kind = "quality" if item.get_closest_marker("quality") else "lora" if item.get_closest_marker("lora") \
+        else "other_tests"
+    with _run(item.config).phases.phase(kind):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: after fixtures and every other plugin's teardown
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """After the test's teardown: check that the test left its pipeline as loaded, and release
+    the pipeline when it changed, when the test may have altered it, or when no following test
+    needs it.
+
+    A changed pipeline or a release that leaves memory allocated fails this test (at teardown),
+    saying what changed or how much stayed; the next test then gets a freshly loaded pipeline.
+    Outermost, because pytest's log capture keeps the test's log records until its own teardown
+    wrapper ends, and a record can hold an exception whose traceback holds the loading frames.
+    """
+    try:
+        return (yield)
+    finally:
+        _check_and_release(item, nextitem)
+
+
+def _check_and_release(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     run = _run(item.config)
+    # Fixture values stay in item.funcargs until pytest drops them after this hook; whatever
+    # they reference (a LoRA kit's pipeline) must not count as leaked by the release below.
+    if isinstance(getattr(item, "funcargs", None), dict):
+        item.funcargs.clear()
+    case = _case_of(item)
+    problems = []
     while run.pipelines.failed_releases:  # a load that raised in this test's setup: what did it leave?
-        _record_release(run, run.pipelines.failed_releases.pop(0), _case_of(item), item.nodeid)
+        problems += _record_release(run, run.pipelines.failed_releases.pop(0), case, item.nodeid)
     current = run.pipelines.current
-    if current is None:
-        return
-    following = _case_of(nextitem)
-    if following is not None and following.pipeline_key == current.case_key:
-        return
-    _release(run, _case_of(item), item.nodeid)
+    if current is not None:
+        reload = None
+        if case is not None and case.pipeline_key == current.case_key:
+            if ordering.alters(item) or current.case_key in run.altered:
+                reload = "altered"
+            elif changes := current.changes():
+                reload = "changed"
+                problems.append(f"{item.nodeid} changed the pipeline it shares with the other tests of "
+                                f"{'/'.join(current.case_key)}: " + "; ".join(changes)
+                                + "; it is reloaded for the next test")
+        run.altered.discard(current.case_key)
+        following = _case_of(nextitem)
+        if reload or following is None or following.pipeline_key != current.case_key:
+            problems += _release(run, case, item.nodeid)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
-def _release(run: QuantgateRun, case: Case | None, last_test: str | None = None) -> None:
-    _record_release(run, run.pipelines.release(), case, last_test)
+def _release(run: QuantgateRun, case: Case | None, last_test: str | None = None) -> list[str]:
+    return _record_release(run, run.pipelines.release(), case, last_test)
 
 
-def _record_release(run: QuantgateRun, released: Release | None, case: Case | None, last_test: str | None) -> None:
-    """Record what a release left allocated, naming the pipeline group and its last test; gate it."""
+def _record_release(run: QuantgateRun, released: Release | None, case: Case | None,
+                    last_test: str | None) -> list[str]:
+    """Record what a release left allocated, naming the pipeline group and its last test; gate it.
+
+    Returns the gate's failure message (a leak over ``leaked_gpu_bytes``), if any.
+    """
     if released is None or released.leaked_bytes is None:
-        return
+        return []
     record = {"pipeline": "/".join(released.case_key), "leaked_bytes": released.leaked_bytes,
               "above_session_baseline_bytes": released.above_session_baseline_bytes,
               "case": case.id if case is not None else None, "last_test": last_test,
               "failed_load": released.failed_load}
+    problems = []
     if case is not None:
         gate = run.gates.lookup("leaked_gpu_bytes", case.gate_attrs(run.hardware(case)))
         if gate is not None:
             verdict = gate.check(float(released.leaked_bytes), subject="/".join(released.case_key))
             record.update(verdict.as_dict())
             if not verdict.passed:
-                after = f" (released after {last_test})" if last_test else ""
-                warnings.warn(QuantgateLeakWarning(verdict.message + after), stacklevel=1)
+                problems.append(f"{verdict.message}: releasing the pipeline after this test left that much "
+                                "allocated (something still references it)")
     run.releases.append(record)
+    return problems
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     run = session.config.stash.get(_RUN_KEY, None)
     if run is None:
         return
-    if run.pipelines.current is not None:
+    if run.pipelines.current is not None:  # an interrupted run: no test is left to fail
         _release(run, None, "session end")
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     run = config.stash.get(_RUN_KEY, None)
-    if run is None or not (run.verdicts or run.releases):
+    if run is None:
         return
-    tr = terminalreporter
-    tr.section("quantgate")
-    passed = sum(v["passed"] is True for v in run.verdicts)
-    failed = sum(v["passed"] is False for v in run.verdicts)
-    ungated = sum(v["passed"] is None for v in run.verdicts)
-    tr.write_line(f"gates: {passed} passed, {failed} failed, {ungated} measured without a gate ({run.gates.path})")
-    for v in run.verdicts:
-        if v["passed"] is False:
-            tr.write_line(f"  FAILED {v['case']}: {v['message']}")
-    for r in run.releases:
-        if r.get("passed") is False:
-            after = f" after {r['last_test']}" if r.get("last_test") else ""
-            load = " (its load failed)" if r.get("failed_load") else ""
-            tr.write_line(f"  LEAK {r['pipeline']}{load}: {format_value(r['leaked_bytes'], 'bytes')} "
-                          f"still allocated above the baseline{after}")
+    phases = run.phases.totals()
+    text = session_summary.lines(run, phases, run.phases.wall_seconds())
+    if text:
+        terminalreporter.section("quantgate")
+        for line in text:
+            terminalreporter.write_line(line)
 
 
 class _BenchmarkHooks:
@@ -617,15 +756,21 @@ class Bench:
         self.benchmark.group = f"{case.model}/{case.source}/{scope}/b{case.batch}/{case.device}"
         breaks_before = _graph_breaks()
         start = time.perf_counter()
-        fn()
-        synchronize(case.device)
+        with run.phases.phase("compiling" if case.variant == "compile" else "timed_rounds"):
+            fn()
+            synchronize(case.device)
         first_call = time.perf_counter() - start
-        compiles = CompilesInTimedRounds(fn, warmup_rounds=run.warmup_rounds)
-        with track_peak(case.device) as peak:
+        events = EventClock(fn, case.device, skip=run.warmup_rounds)
+        compiles = CompilesInTimedRounds(events, warmup_rounds=run.warmup_rounds)
+        state_before = gpu_state.read(case.device)
+        with track_peak(case.device) as peak, run.phases.phase("timed_rounds"):
             result = pedantic(self.benchmark, compiles, case.device, rounds=run.rounds,
                               warmup_rounds=run.warmup_rounds)
+        state = gpu_state.around(state_before, gpu_state.read(case.device))
+        busy = gpu_busy_seconds(fn, case.device) if scope.startswith("transformer") else None
         self.compiles_in_timed_rounds = compiles.count
         stats = self.benchmark.stats.stats if self.benchmark.stats is not None else None
+        clocks = _clock_agreement(stats, events.seconds(), busy)
         flops = self.loaded.flops(case, flops_scope or scope)
         peak_tflops = run.bf16_peak_tflops(case.device)
         achieved = flops / stats.median / 1e12 if stats is not None and stats.median > 0 else None
@@ -649,12 +794,37 @@ class Bench:
             "pipeline_footprint_bytes": loaded["pipeline_footprint_bytes"],
             **{k: v for k, v in peak.as_dict().items() if k != "measured"},
             "peak_memory_measured": peak.peak_allocated is not None,
+            **clocks,
+            "gpu_state": state,
             "pipeline": loaded,
         })
         if stats is not None:
             run.records.add(Measurement(case, scope, stats.median, {k: getattr(stats, k) for k in
-                                        ("min", "max", "mean", "median", "iqr", "stddev")}, peak.peak_allocated))
+                                        ("min", "max", "mean", "median", "iqr", "stddev")}, peak.peak_allocated,
+                                        clocks))
         return result
+
+
+# A path whose GPU runs kernels for less than this share of its wall time is bound by the host
+# launching them (eager dynamic quantization: many small kernels), not by the GPU.
+LAUNCH_BOUND_BELOW = 0.8
+
+
+def _clock_agreement(stats: Any, event_seconds: list[float], busy: tuple[float, float] | None) -> dict[str, Any]:
+    """The suite's clock against CUDA events over the same rounds, and how busy the GPU was."""
+    import statistics
+
+    out: dict[str, Any] = {"cuda_event_median_s": None, "timing_disagreement_vs_cuda_events": None,
+                           "gpu_busy_fraction": None, "launch_bound": None}
+    if stats is not None and event_seconds:
+        events = statistics.median(event_seconds)
+        out["cuda_event_median_s"] = events
+        out["timing_disagreement_vs_cuda_events"] = abs(stats.median - events) / events if events > 0 else None
+    if busy is not None and busy[1] > 0:
+        fraction = min(1.0, busy[0] / busy[1])
+        out.update(gpu_busy_fraction=round(fraction, 4), launch_bound=fraction < LAUNCH_BOUND_BELOW,
+                   gpu_busy_seconds=round(busy[0], 6), profiled_wall_seconds=round(busy[1], 6))
+    return out
 
 
 def _graph_breaks() -> int:
@@ -703,10 +873,10 @@ def speedup(runs_here: Case, records: Records, quantgate_run: QuantgateRun) -> C
 
 
 class CaseGates:
-    """The gates of one case: ``require(metric, value)`` passes, fails or skips the test.
+    """The gates of one case: ``require(metric, value)`` passes or fails the test.
 
     Every measured value is recorded in the JSON, also where no gate names it (``passed``
-    is then null), so thresholds can be set from real data.
+    is then null, and the summary lists it), so thresholds can be set from real data.
     """
 
     def __init__(self, run: QuantgateRun, case: Case, node: pytest.Item):
@@ -724,19 +894,18 @@ class CaseGates:
     def _attrs(self, hardware: str) -> dict[str, Any]:
         return {**self.case.gate_attrs(hardware), **self.run.session_attrs}
 
-    def require(self, metric: str, value: float) -> Verdict:
-        """Check one measured value against its gate."""
-        return self.require_all({metric: value})[metric]
+    def require(self, metric: str, value: float) -> Verdict | None:
+        """Check one measured value against its gate (None: no gate names it; it is recorded)."""
+        return self.require_all({metric: value}).get(metric)
 
     def require_all(self, values: dict[str, float]) -> dict[str, Verdict]:
         """Check several values; every one is recorded before any failure is raised."""
         hardware = self.run.hardware(self.case)
-        verdicts, ungated, failures = {}, [], []
+        verdicts, failures = {}, []
         for metric, value in values.items():
             gate = self.run.gates.lookup(metric, self._attrs(hardware))
             if gate is None:
                 self._record(hardware, metric, float(value), None)
-                ungated.append(f"{metric} = {float(value):.6g}")
                 continue
             verdict = gate.check(float(value), subject=self.case.id)
             self._record(hardware, metric, float(value), verdict)
@@ -745,9 +914,8 @@ class CaseGates:
                 failures.append(verdict.message)
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
-        if ungated and not verdicts:
-            pytest.skip(f"no gate matches {self.case.id} on {hardware} in {self.run.gates.path} for "
-                        f"{'; '.join(ungated)} (recorded in the JSON): add a [[gate]] entry to enforce one")
+        # An ungated value is a measurement, not a skip: it is in the JSON and listed once in the
+        # terminal summary (quantgate.session_summary), where a [[gate]] can be set from it.
         return verdicts
 
 
@@ -755,9 +923,10 @@ class QualityReference:
     """What a case's images and transformer output are compared with.
 
     Images: the golden set of the case's model and source when there is one, else the bf16
-    eager images of this session (the bf16 case runs first). ``--quantgate-update-golden``
-    makes the bf16 eager case write its images as the golden set first. Every image set is
-    also kept for the side-by-side grid (``--quantgate-artifacts``).
+    eager images of this session (the bf16 case runs first, and is itself compared with a
+    rerun of its own images). ``--quantgate-update-golden`` makes the bf16 eager case write
+    its images as the golden set first. Every image set is also kept for the side-by-side grid
+    (``--quantgate-artifacts``).
     """
 
     def __init__(self, run: QuantgateRun, case: Case, prompts: PromptSet, loaded: LoadedPipeline):
@@ -804,10 +973,10 @@ class QualityReference:
         if golden is not None:
             return samples["golden"], f"golden set {golden.directory}"
         if self.is_baseline:
+            # No golden set: bf16 eager is the session's reference, checked against a rerun of its first
+            # image (one image: the reference must be reproducible, which one generation shows).
             samples.setdefault("reference", images)
-            pytest.skip(f"{case.id} is the reference of {case.model}/{case.source} and there is no golden set in "
-                        f"{self.run.golden_dir / case.model / case.source} to compare it with: create one with "
-                        f"`quantgate golden {case.model} --source {case.source}` or --quantgate-update-golden")
+            return self._generate(self.pairs[:1]), "a rerun of bf16 eager's first image in this session"
         if "reference" not in samples:
             pytest.skip(f"no reference images for {case.model}/{case.source}: no golden set in "
                         f"{self.run.golden_dir / case.model / case.source} and no bf16 eager run before this case "
@@ -817,28 +986,26 @@ class QualityReference:
     def case_images(self) -> Any:
         """This case's images for the gate prompts: the ones an earlier quality test of the same
         case generated, else generated now."""
-        import numpy as np
 
         key = (self.case.device, self.case.model, self.case.source)
         label = f"{self.case.scheme} {self.case.variant}"
         cached = self.run.records.images.get(key, {}).get(label)
         if cached is not None and len(cached) == len(self.pairs):
             return cached
-        return np.concatenate([self.loaded.generate(self.case, [prompt], seed=seed) for prompt, seed in self.pairs])
+        return self._generate(self.pairs)
 
-    def require_meaningful_images(self, metric: str) -> None:
-        """Skip where images show nothing: random weights (synthetic, tiny) generate noise."""
-        if self.loaded.source.kind in ("synthetic", "tiny"):
-            pytest.skip(f"{metric} judges what images show, and {self.case.model}'s {self.loaded.source.kind} weights "
-                        "are random: its images are noise, only the numerical gates (PSNR, SSIM, relative error) "
-                        "apply; run with --quantgate-source hub or path (real weights) to measure it")
+    def _generate(self, pairs: list[tuple[str, int]]) -> Any:
+        import numpy as np
 
-    def transformer_output(self, output: Any) -> Any:
-        """The bf16 eager transformer output on the same inputs (recorded by the bf16 case)."""
+        return np.concatenate([self.loaded.generate(self.case, [prompt], seed=seed) for prompt, seed in pairs])
+
+    def transformer_output(self, output: Any, rerun: Callable[[], Any]) -> Any:
+        """The bf16 eager transformer output on the same inputs (recorded by the bf16 case, which
+        gets a rerun of its own forward, ``rerun()``, to be compared with)."""
         key = (self.case.device, self.case.model, self.case.source, self.case.batch)
         if self.is_baseline:
             self.run.records.outputs[key] = output
-            pytest.skip(f"{self.case.id} is the bf16 reference of this comparison")
+            return rerun()
         if key not in self.run.records.outputs:
             pytest.skip(f"no bf16 eager transformer output for {self.case.model}/{self.case.source} at batch "
                         f"{self.case.batch} in this session (include bf16 in --quantgate-schemes)"

@@ -17,6 +17,8 @@ class Measurement:
     median_s: float
     stats: dict[str, float]
     peak_allocated_bytes: int | None
+    # The same rounds on CUDA events, and the GPU's busy share (quantgate.plugin's Bench)
+    clocks: dict[str, Any] = field(default_factory=dict)
 
 
 def _key(case: Case, scope: str, scheme: str | None = None, variant: str | None = None) -> tuple:

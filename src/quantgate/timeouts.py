@@ -65,9 +65,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _value(config: pytest.Config, name: str) -> str | None:
-    dest = f"quantgate_{name.replace('-', '_')}"
-    value = config.getoption(dest)
-    return value if value is not None else (config.getini(dest) or None)
+    from quantgate import options
+
+    return options.value(config, name)
 
 
 def _seconds(config: pytest.Config, name: str, default: float) -> float:

@@ -37,8 +37,8 @@ from quantgate.pipeline import weights_identity
 from quantgate.quality import fid
 from quantgate.report import load_runs, merge_benchmark_json
 from quantgate.report.build import build_report
+from quantgate.report.claims import load_claims
 from quantgate.report.document import to_markdown
-from quantgate.report.plans import load_plans
 from tests.conftest import REPO
 from tests.unit.test_perceptual import _tiny_clip
 
@@ -211,7 +211,7 @@ def test_cli_eval_end_to_end_with_a_tiny_clip_and_no_fid_weights(tmp_path, tiny_
     assert json.loads(bench.read_text())["quantgate"]["evaluation"] == [again]
 
     # The report shows it, and `quantgate merge` keeps it.
-    text = to_markdown(build_report(load_runs([bench]), load_plans(REPO / "fixtures" / "plans.toml"), "eval"))
+    text = to_markdown(build_report(load_runs([bench]), load_claims(REPO / "fixtures" / "claims.toml"), "eval"))
     section = text.split("## Evaluation", 1)[1].split("\n## ", 1)[0]
     assert (f"| sd35-medium-tiny-bf16-eager-b1-cpu | 2 steps, guidance 4.5, 64x64 | 4 | skipped | "
             f"{again['metrics']['clip_score']['value']:.4f} | 1 new, 3 reused |") in section

@@ -97,10 +97,10 @@ def test_without_the_isolation_plugin_a_kept_exception_would_keep_the_pipeline(s
     assert alive[0] == ["fault-oom-call"]
 
 
-def test_a_leak_is_reported_with_bytes_pipeline_group_and_last_test(session):
+def test_a_leak_fails_the_test_that_released_it_with_bytes_pipeline_group_and_last_test(session):
     result, alive, quantgate, out = session("fault-leak,bf16")
 
-    result.assert_outcomes(passed=6)  # a leak fails no test; it is a warning, fatal with -W error
+    result.assert_outcomes(passed=6, errors=1)  # the last test of fault-leak's group fails at teardown
     (leak, bf16) = quantgate["releases"]
     assert leak == {**leak, "pipeline": "cpu/flux-schnell/tiny/fault-leak/eager", "leaked_bytes": 128 * MIB,
                     "case": "flux-schnell-tiny-fault-leak-eager-b1-cpu", "last_test": _id("test_timed", "fault-leak"),
@@ -113,15 +113,17 @@ def test_a_leak_is_reported_with_bytes_pipeline_group_and_last_test(session):
         "*LEAK cpu/flux-schnell/tiny/fault-leak/eager: 0.125 GiB (134217728 bytes) still allocated above the "
         f"baseline after {_pattern('test_timed', 'fault-leak')}"])
     result.stdout.fnmatch_lines([
-        "*QuantgateLeakWarning: leaked_gpu_bytes of cpu/flux-schnell/tiny/fault-leak/eager: measured 0.125 GiB "
-        "(134217728 bytes), required <= 0.062 GiB*"])
+        f"ERROR {_pattern('test_timed', 'fault-leak')} - Failed: leaked_gpu_bytes of "
+        "cpu/flux-schnell/tiny/fault-leak/eager: measured 0.125 GiB (134217728 bytes), required <= 0.062 GiB*"])
+    result.stdout.fnmatch_lines(["releases: 2, largest leak 0.125 GiB (134217728 bytes) in "
+                                 f"cpu/flux-schnell/tiny/fault-leak/eager (released after {_pattern('test_timed', 'fault-leak')})"])
 
     from quantgate.report import load_runs
     from quantgate.report.build import build_report
+    from quantgate.report.claims import load_claims
     from quantgate.report.document import to_markdown
-    from quantgate.report.plans import load_plans
 
-    text = to_markdown(build_report(load_runs([out]), load_plans(REPO / "fixtures" / "plans.toml"), "faults"))
+    text = to_markdown(build_report(load_runs([out]), load_claims(REPO / "fixtures" / "claims.toml"), "faults"))
     assert f"| cpu/flux-schnell/tiny/fault-leak/eager | {_id('test_timed', 'fault-leak')} | 128.0 MiB | FAIL |" in text
 
 
@@ -164,3 +166,74 @@ def test_a_failed_load_keeps_its_traceback_for_the_report_without_the_locals():
     kept, held = _fail_in_a_forward()
     clear_exception_frames(kept, detach=False)
     assert kept.__traceback__ is not None and kept.__traceback__.tb_next.tb_frame.f_locals == {}
+
+
+def test_a_test_that_changes_the_shared_pipeline_fails_and_the_next_test_gets_a_clean_one(session, pytester):
+    """A test that leaves a hook on the transformer, and one that swaps a weight, each fail at
+    teardown naming what changed; the tests after them see the pipeline as loaded."""
+    pytester.makepyfile(test_cases=MUTATING_TESTS)
+
+    result, alive, quantgate, out = session("fault-ballast")
+
+    result.assert_outcomes(passed=5, errors=2)
+    result.stdout.fnmatch_lines([
+        f"ERROR {_pattern('test_1_leaves_a_hook', 'fault-ballast')} - Failed: *test_1_leaves_a_hook* changed the "
+        "pipeline it shares with the other tests of cpu/flux-schnell/tiny/fault-ballast/eager: 1 modules' hooks "
+        "changed (transformer: forward hooks 0 -> 1); it is reloaded for the next test"])
+    result.stdout.fnmatch_lines([
+        f"ERROR {_pattern('test_3_swaps_a_weight', 'fault-ballast')} - Failed: *1 tensors changed "
+        "(transformer.proj_out.weight: storage (re-created or re-quantized))*"])
+    # every release freed the ballast, the reloads included
+    assert [r["leaked_bytes"] for r in quantgate["releases"]] == [0, 0, 0]
+
+
+def test_a_test_that_keeps_a_reference_to_the_pipeline_fails_with_the_leak(session, pytester):
+    pytester.makepyfile(test_cases=KEEPING_TESTS)
+
+    result, alive, quantgate, out = session("fault-ballast,bf16")
+
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines([f"ERROR {_pattern('test_2_keeps_the_transformer', 'fault-ballast')} - Failed: "
+                                 "leaked_gpu_bytes of cpu/flux-schnell/tiny/fault-ballast/eager: measured 0.125 GiB*"])
+    (kept, bf16) = quantgate["releases"]
+    assert (kept["leaked_bytes"], kept["passed"]) == (128 * MIB, False)
+    assert (bf16["leaked_bytes"], bf16["passed"]) == (0, True)  # the next case loaded and released cleanly
+
+
+MUTATING_TESTS = """
+import torch
+
+
+def test_1_leaves_a_hook(case, pipeline):
+    pipeline.denoiser.register_forward_hook(lambda module, args, out: out)
+
+
+def test_2_sees_no_hook(case, pipeline):
+    assert not pipeline.denoiser._forward_hooks
+
+
+def test_3_swaps_a_weight(case, pipeline):
+    layer = pipeline.denoiser.proj_out
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+
+
+def test_4_sees_the_loaded_weight(case, pipeline):
+    assert pipeline.changes() == []
+
+
+def test_5_reads(case, pipeline):
+    assert pipeline.denoiser_footprint.total_bytes > 0
+"""
+
+KEEPING_TESTS = """
+KEPT = []
+
+
+def test_1_reads(case, pipeline):
+    assert pipeline.denoiser is not None
+
+
+def test_2_keeps_the_transformer(case, pipeline):
+    if case.scheme == "fault-ballast":
+        KEPT.append(pipeline.denoiser)  # a module-level reference outlives the pipeline's release
+"""

@@ -12,7 +12,6 @@ from quantgate.models import model_names
 from quantgate.models.sources import SOURCES
 from quantgate.schemes import scheme_names
 from quantgate.variants import VARIANTS
-
 from tests.conftest import REPO
 
 VOCABULARY = {"model": model_names(), "scheme": scheme_names(), "source": list(SOURCES), "variant": list(VARIANTS),

@@ -98,6 +98,14 @@ def pytest_sessionfinish(session):
     (session.config.rootpath / "loads.txt").write_text(str(len(LOADS)))
 """
 
+ORDER_LOG = """
+
+@pytest.fixture(autouse=True)
+def _log_order(request):
+    with open(request.config.rootpath / "order.txt", "a") as f:
+        f.write(request.node.originalname + "\\n")
+"""
+
 FUSING_TESTS = """
 import pytest
 
@@ -120,12 +128,15 @@ def test_4_fuses_again(case, lora_adapters, pipeline, lora):
 """
 
 
-def test_a_pipeline_fused_into_is_reloaded_unless_only_altering_tests_follow(pytester, args):
+def test_every_test_that_alters_the_pipeline_gets_one_no_other_test_changed(pytester, args):
     pytester.makeconftest(COUNTING_CONFTEST)
-    pytester.makepyfile(FUSING_TESTS)
+    pytester.makepyfile(FUSING_TESTS + ORDER_LOG)
 
     result = pytester.runpytest_subprocess(*args, "--quantgate-schemes=bf16")
 
     result.assert_outcomes(passed=4)
-    # test_1 loads; its fuse releases the pipeline; test_2 loads afresh; 3 and 4 share it.
-    assert (pytester.path / "loads.txt").read_text() == "2"
+    # The reader runs first, then the test that fuses without the marker (a LoRA test: it mutates),
+    # then the two marked ones; each fuse makes the next test load afresh.
+    assert (pytester.path / "order.txt").read_text().split() == [
+        "test_2_needs_pristine_weights", "test_1_fuses_without_the_marker", "test_3_fuses", "test_4_fuses_again"]
+    assert (pytester.path / "loads.txt").read_text() == "3"

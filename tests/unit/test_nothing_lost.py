@@ -167,12 +167,12 @@ def test_report(tmp_path, sig):
 
     run = HISTORY / "cpu-4-steps.json"
     assert main(["report", str(run), "-o", str(tmp_path / "out"), "--title", "version one",
-                 "--plans", str(REPO / "fixtures" / "plans.toml")]) == 0
+                 "--claims", str(REPO / "fixtures" / "claims.toml")]) == 0
     previous = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     _kill_inside_the_write(f"""
         from quantgate.cli import main
         main(["report", {str(run)!r}, "-o", str(work / "out"), "--title", "version two",
-              "--plans", {str(REPO / "fixtures" / "plans.toml")!r}])
+              "--claims", {str(REPO / "fixtures" / "claims.toml")!r}])
     """, tmp_path, sig)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")} == previous
     assert b"version one" in previous["report.html"]

@@ -27,7 +27,7 @@ def _cases():
 def loads(monkeypatch):
     calls = []
 
-    def fake_load(case, ctx, calibration=None):
+    def fake_load(case, ctx, calibration=None, phases=None):
         calls.append(case.pipeline_key)
         spec = get_model(case.model)
         return LoadedPipeline(case.pipeline_key, spec, get_scheme(case.scheme),
@@ -63,7 +63,7 @@ def test_release_reports_nothing_on_cpu(tmp_path, loads):
 def test_a_failed_load_is_not_retried_and_keeps_its_message(tmp_path, monkeypatch):
     calls = []
 
-    def failing_load(case, ctx, calibration=None):
+    def failing_load(case, ctx, calibration=None, phases=None):
         calls.append(case)
         raise RuntimeError("CUDA out of memory")
 
@@ -80,7 +80,7 @@ def test_a_failed_load_is_not_retried_and_keeps_its_message(tmp_path, monkeypatc
 def test_an_unavailable_source_is_rechecked_not_remembered(tmp_path, monkeypatch):
     calls = []
 
-    def unavailable(case, ctx, calibration=None):
+    def unavailable(case, ctx, calibration=None, phases=None):
         calls.append(case)
         raise SourceUnavailable("not cached")
 

@@ -4,7 +4,6 @@ import pytest
 
 from quantgate.errors import ConfigFileError
 from quantgate.prompts import PromptSet
-
 from tests.conftest import REPO
 
 

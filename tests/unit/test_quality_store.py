@@ -10,7 +10,6 @@ import torch
 from quantgate.quality.golden import GoldenInvalid, GoldenMissing, load_golden, write_golden
 from quantgate.quality.grids import sample_grid
 from quantgate.quality.metrics import psnr, relative_error, ssim
-
 from tests.conftest import REPO
 
 RNG = np.random.default_rng(0)

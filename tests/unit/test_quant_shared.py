@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantgate.quant.calibration import (CalibrationSettings, ChannelAbsMax, Hessian, StatsCache, calibration_key,
-                                         select_linears)
+from quantgate.quant.calibration import (
+    CalibrationSettings,
+    ChannelAbsMax,
+    Hessian,
+    StatsCache,
+    calibration_key,
+    select_linears,
+)
 from quantgate.quant.int4 import GroupSpec, dequantize_groups, pack_int4, quantize_rtn, unpack_int4
 
 

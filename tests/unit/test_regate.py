@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from quantgate.cli import main
 from quantgate.cases import case_attrs_from_id
+from quantgate.cli import main
 from quantgate.report.regate import exit_code, load_gates, recheck_run
 from tests.conftest import REPO
 

@@ -11,15 +11,14 @@ from quantgate.errors import ConfigFileError
 from quantgate.report import load_runs
 from quantgate.report.browser import find_browser, rendered_dom, screenshot
 from quantgate.report.build import build_report, write_report
+from quantgate.report.claims import evaluate, load_claims
 from quantgate.report.compare import compare_runs, exit_code, history_files, judge_time
 from quantgate.report.document import Table, to_html, to_markdown
-from quantgate.report.plans import evaluate, load_plans
-
 from tests.conftest import REPO
 
 H200_RUN = REPO / "reports" / "torchao-flux-h200-2026-11-21" / "benchmark.json"
 HISTORY = REPO / "tests" / "fixtures" / "history"
-PLANS = REPO / "fixtures" / "plans.toml"
+PLANS = REPO / "fixtures" / "claims.toml"
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +28,11 @@ def runs():
 
 @pytest.fixture(scope="module")
 def plans():
-    return load_plans(PLANS)
+    return load_claims(PLANS)
 
 
 def _criterion(plans, claim_start):
-    return next(c for p in plans.plans for c in p.criteria if c.claim.startswith(claim_start))
+    return next(c for p in plans.groups for c in p.criteria if c.claim.startswith(claim_start))
 
 
 def test_checklist_decides_from_verdicts_and_outcomes(runs, plans):
@@ -157,17 +156,20 @@ def test_compare_reads_a_pytest_benchmark_storage_directory(tmp_path, capsys):
 
 
 def test_report_cli_writes_both_files(tmp_path, capsys):
-    assert main(["report", str(H200_RUN), "-o", str(tmp_path), "--plans", str(PLANS)]) == 0
+    assert main(["report", str(H200_RUN), "-o", str(tmp_path), "--claims", str(PLANS)]) == 0
     assert (tmp_path / "report.html").is_file() and (tmp_path / "report.md").is_file()
-    assert main(["report", str(H200_RUN), "-o", str(tmp_path), "--plans", str(tmp_path / "none.toml")]) == 2
+    assert main(["report", str(H200_RUN), "-o", str(tmp_path), "--claims", str(tmp_path / "none.toml")]) == 2
     assert "none.toml not found" in capsys.readouterr().err
 
 
-def test_a_malformed_plans_file_names_the_criterion(tmp_path):
-    path = tmp_path / "plans.toml"
-    path.write_text('[[plan]]\nname = "p"\n[[plan.criterion]]\nclaim = "fast"\nmodel = "flux-dev"\n')
+def test_a_malformed_claims_file_names_the_criterion(tmp_path):
+    path = tmp_path / "claims.toml"
+    path.write_text('[[claims]]\nname = "p"\n[[claims.criterion]]\nclaim = "fast"\nmodel = "flux-dev"\n')
     with pytest.raises(ConfigFileError, match="criterion 'fast' needs a claim and a metric or test"):
-        load_plans(path)
+        load_claims(path)
+    path.write_text('[[plan]]\nname = "p"\n')  # the layout before claims.toml: refused, not read as empty
+    with pytest.raises(ConfigFileError, match="unknown table 'plan'"):
+        load_claims(path)
 
 
 def test_markdown_escapes_pipes():

@@ -4,8 +4,8 @@ import pytest
 
 from quantgate.errors import UnknownNameError
 from quantgate.hardware import DeviceInfo
-from quantgate.schemes import SCHEMES, get_scheme, scheme_markers
 from quantgate.models import get_model
+from quantgate.schemes import SCHEMES, get_scheme, scheme_markers
 from quantgate.schemes.base import QuantizationRequest, Requirements
 
 H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)

@@ -21,6 +21,7 @@ from quantgate.quant.svdquant import (
     dequantize_int4_weight,
     fake_quantize_int4,
     low_rank_split,
+    per_image_linears,
     quantize_int4_weight,
     quantize_model,
     smoothing_factors,
@@ -297,3 +298,46 @@ def test_smooth_stats_keep_the_absmax_and_a_reservoir_of_real_rows() -> None:
     for b in batches:
         again.update(b)
     assert torch.equal(again.state()["sample"], state["sample"])
+
+
+# -- the quantized checkpoint ---------------------------------------------------------------------
+
+def test_a_saved_checkpoint_loads_into_a_fresh_model_with_the_same_output(tmp_path) -> None:
+    from quantgate.quant import svdquant_store
+
+    torch.manual_seed(0)
+    model, fresh = _TinyDiT(), _TinyDiT()
+    fresh.load_state_dict(model.state_dict())
+    per_image = r"blocks\.\d+\.norm\.linear"
+    layers = [*block_linears(model, per_image), *per_image_linears(model, per_image)]
+    stats = {"blocks.0.ff": {"absmax": torch.ones(64), "sample": torch.randn(32, 64)}}
+    facts = quantize_model(model, stats, SVDQuantConfig(rank=4), per_image, progress=False)
+    directory = tmp_path / "quantized" / svdquant_store.checkpoint_key({"weights": "w"}, {"rank": 4}, {}, layers)
+    svdquant_store.save(directory, model, layers, facts)
+    assert svdquant_store.problem(directory) is None
+
+    assert svdquant_store.load(directory, fresh, "cpu")["w4a4_linears"] == facts["w4a4_linears"]
+    assert isinstance(fresh.blocks[1]["ff"], SVDQuantLinear)
+    assert isinstance(fresh.blocks[0]["norm"]["linear"], Int4WeightOnlyLinear)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        for block, again in zip(model.blocks, fresh.blocks, strict=True):
+            assert torch.equal(block["ff"](x), again["ff"](x))
+            assert torch.equal(block["norm"]["linear"](x), again["norm"]["linear"](x))
+
+
+def test_a_damaged_or_different_checkpoint_is_refused_with_the_reason(tmp_path) -> None:
+    from quantgate.quant import svdquant_store
+
+    model = _TinyDiT()
+    layers = list(block_linears(model, None))
+    quantize_model(model, {}, SVDQuantConfig(rank=4), None, progress=False)
+    key = svdquant_store.checkpoint_key({"weights": "w"}, {"rank": 4}, {}, layers)
+    assert key != svdquant_store.checkpoint_key({"weights": "w"}, {"rank": 8}, {}, layers)
+    directory = tmp_path / key
+    svdquant_store.save(directory, model, layers, {})
+    tensors = directory / svdquant_store.TENSORS
+    tensors.write_bytes(tensors.read_bytes()[:-10])
+    assert "bytes, the manifest recorded" in svdquant_store.problem(directory)
+    (directory / svdquant_store.MANIFEST).unlink()
+    assert "(an interrupted write?)" in svdquant_store.problem(directory)

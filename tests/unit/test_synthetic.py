@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from quantgate.models import get_model
-from quantgate.models import synthetic
+from quantgate.models import get_model, synthetic
 from quantgate.models.synthetic import MANIFEST, materialize, recipes_for, safetensors_problem
 
 

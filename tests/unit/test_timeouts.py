@@ -54,10 +54,10 @@ def args(pytester, tiny_cache, monkeypatch):
 def _report(path):
     from quantgate.report import load_runs
     from quantgate.report.build import build_report
+    from quantgate.report.claims import load_claims
     from quantgate.report.document import to_markdown
-    from quantgate.report.plans import load_plans
 
-    return to_markdown(build_report(load_runs([path]), load_plans(REPO / "fixtures" / "plans.toml"), "timeouts"))
+    return to_markdown(build_report(load_runs([path]), load_claims(REPO / "fixtures" / "claims.toml"), "timeouts"))
 
 
 def test_a_test_over_its_budget_fails_and_the_next_one_runs(pytester, args):

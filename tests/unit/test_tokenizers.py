@@ -3,8 +3,14 @@
 import pytest
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from quantgate.models.tokenizers import build_clip_bpe, build_t5_unigram, clip_bpe_vocab, generate_tokenizer, t5_unigram_pieces
 from quantgate.errors import UnknownNameError
+from quantgate.models.tokenizers import (
+    build_clip_bpe,
+    build_t5_unigram,
+    clip_bpe_vocab,
+    generate_tokenizer,
+    t5_unigram_pieces,
+)
 
 PROMPT = "a red fox asleep in fresh snow, 35mm photograph"
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from quantgate.variants import compile_repeated_blocks, get_variant
 from quantgate.errors import UnknownNameError
+from quantgate.variants import compile_repeated_blocks, get_variant
 
 
 def test_compile_compiles_each_repeated_block_and_matches_eager(tiny_sd3_dir):

@@ -31,9 +31,9 @@ import torch
 
 from quantgate.atomic import atomic_directory, atomic_write_json, file_lock
 from quantgate.cache import mark_used
+from quantgate.integrity import safetensors_problem
 from quantgate.lora.files import LORA_WEIGHT_NAME, LoraFile
 from quantgate.models.registry import ModelSpec
-from quantgate.models.synthetic import safetensors_problem
 
 FORMAT_VERSION = 1
 MANIFEST = "quantgate-lora.json"

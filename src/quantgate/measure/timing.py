@@ -51,6 +51,76 @@ def cuda_event_times(fn: Callable[[], Any], device: str, *, rounds: int, warmup_
     return times
 
 
+class EventClock:
+    """``fn``, also timed with CUDA events: the very calls pytest-benchmark's clock times.
+
+    Both clocks then see the same rounds in the same warm state. The events span the call's
+    GPU work from its first kernel to its last; the suite's clock (the host) also covers the
+    launch of the first kernel and the return of the synchronize. The first ``skip`` calls
+    (warm-up rounds) are not kept. Off CUDA nothing is recorded.
+    """
+
+    def __init__(self, fn: Callable[[], T], device: str, skip: int = 0):
+        self.fn, self.device, self.skip = fn, device, skip
+        self.calls = 0
+        self._pairs: list[Any] = []
+
+    def __call__(self) -> T:
+        self.calls += 1
+        if not str(self.device).startswith("cuda") or self.calls <= self.skip:
+            return self.fn()
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = self.fn()
+        end.record()
+        self._pairs.append((start, end))
+        return result
+
+    def seconds(self) -> list[float]:
+        """Seconds per kept call (after the caller synchronized)."""
+        return [start.elapsed_time(end) / 1e3 for start, end in self._pairs]
+
+
+def gpu_busy_seconds(fn: Callable[[], Any], device: str) -> tuple[float, float] | None:
+    """(seconds the GPU spent running kernels and copies, wall seconds) for one call of ``fn``.
+
+    Read with torch's profiler (CUPTI, device activity only): the union of the call's kernel
+    and copy intervals. A path whose GPU is busy for only part of its wall time is bound by
+    the host launching its kernels, not by the GPU. None off CUDA or where the profiler fails.
+    """
+    if not str(device).startswith("cuda"):
+        return None
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            wall = time.perf_counter() - start
+        intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                           if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    except Exception:  # noqa: BLE001 - a profiler that cannot start leaves the figure unknown, not the test failed
+        return None
+    busy, current_start, current_end = 0.0, None, None
+    for begin, finish in intervals:
+        if current_end is None or begin > current_end:
+            if current_end is not None:
+                busy += current_end - current_start
+            current_start, current_end = begin, finish
+        else:
+            current_end = max(current_end, finish)
+    if current_end is not None:
+        busy += current_end - current_start
+    return busy / 1e6, wall
+
+
 class CompilesInTimedRounds:
     """``fn``, counting the graphs torch.compile builds from the first timed round on.
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from quantgate.atomic import atomic_directory, atomic_write_json, file_lock
 from quantgate.cache import mark_used
 from quantgate.hardware import library_version
+from quantgate.integrity import safetensors_problem
 from quantgate.models.registry import ComponentSpec, ModelSpec, Size
 from quantgate.models.tokenizers import generate_tokenizer
 
@@ -91,26 +91,7 @@ def pipeline_dirname(spec: ModelSpec, size: Size, recipes: Mapping[str, Componen
 
 
 # -- verification ---------------------------------------------------------------------------
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file is unusable (truncated, bad header), or ``None`` if it is whole."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                return f"{path} is truncated (no header)"
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > size - 8:
-                return f"{path} is truncated (header of {header_len} bytes in a {size}-byte file)"
-            header = json.loads(fh.read(header_len))
-    except (OSError, ValueError) as exc:
-        return f"{path} cannot be read as safetensors: {exc}"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end != size:
-        return f"{path} is truncated or padded: header says {8 + header_len + end} bytes, file has {size}"
-    return None
+# (safetensors_problem: quantgate.integrity, shared with the other caches)
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:

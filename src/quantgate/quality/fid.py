@@ -63,7 +63,7 @@ def fid_problem(configured: str | os.PathLike[str] | None = None) -> str | None:
     return "; ".join(problems) or None
 
 
-def fid_pixels(image: "PIL.Image.Image") -> torch.Tensor:  # noqa: F821 - PIL is imported by callers
+def fid_pixels(image: PIL.Image.Image) -> torch.Tensor:  # noqa: F821 - PIL is imported by callers
     """One image as FID's input: (3, 299, 299) uint8 after ``FID_PREPROCESSING``."""
     from PIL import Image
 

@@ -31,8 +31,9 @@ def sample_grid(columns: Mapping[str, Sequence[np.ndarray]], prompts: Sequence[s
             canvas.paste(image, (pad + c * (cell + pad), top + label_h))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from quantgate.atomic import atomic_write_bytes
     import io
+
+    from quantgate.atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG", optimize=True)

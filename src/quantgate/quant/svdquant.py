@@ -270,6 +270,17 @@ class Int4WeightOnlyLinear(nn.Module):
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, group_size: int, bias: bool) -> Int4WeightOnlyLinear:
+        """A layer of this shape whose buffers a checkpoint fills (``quantgate.quant.svdquant_store``)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.group_size = in_features, out_features, group_size
+        for name in ("qweight", "scales", "zeros"):
+            layer.register_buffer(name, None)
+        layer.register_buffer("bias", torch.empty(0) if bias else None)
+        return layer
+
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized (out, in) weight."""
         q = unpack_int4(self.qweight, signed=False).to(dtype)

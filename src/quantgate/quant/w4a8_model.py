@@ -45,14 +45,24 @@ from tqdm.auto import tqdm
 
 from quantgate.atomic import atomic_directory
 from quantgate.cache import mark_used
+from quantgate.integrity import manifest_problem, write_manifest
 from quantgate.quant.calibration import CalibrationSettings, Hessian, collect_cached, content_key, select_linears
 from quantgate.quant.gptq import GPTQConfig, QuantizedWeight, gptq_quantize, rtn_quantize
 from quantgate.quant.int4 import GroupSpec
-from quantgate.quant.w4a8 import FORMAT_VERSION, W4A8Linear, load_layers, read_config, save_layers, set_submodule
+from quantgate.quant.w4a8 import (
+    FORMAT,
+    FORMAT_VERSION,
+    W4A8Linear,
+    load_layers,
+    read_config,
+    save_layers,
+    set_submodule,
+)
 
 # The repeated blocks of diffusers' MMDiT denoisers: SD3's transformer_blocks, FLUX.1's
 # transformer_blocks and single_transformer_blocks.
 BLOCK_LINEARS = r"(single_)?transformer_blocks\.\d+\..+"
+MANIFEST = "quantgate-manifest.json"  # file sizes, written last: a checkpoint without it is rebuilt
 
 
 @dataclass(frozen=True)
@@ -224,7 +234,11 @@ def quantize_denoiser(pipe: Any, denoiser_name: str, method: W4A8Method, *, iden
     directory = Path(cache_dir) / "quantized" / key if cache_dir is not None else None
     facts: dict[str, Any] = {"method": method.facts(), "layers": len(layers), "pattern": pattern,
                              "checkpoint_key": key}
-    document = read_config(directory) if directory is not None else None
+    damaged = manifest_problem(directory, MANIFEST, {"format": FORMAT, "version": FORMAT_VERSION}) \
+        if directory is not None and directory.exists() else None
+    document = read_config(directory) if directory is not None and damaged is None else None
+    if damaged:
+        facts["checkpoint_damaged"] = damaged[:300]
     quantized = None
     if document is not None and set(document["layers"]) == set(layers):
         start = time.perf_counter()
@@ -257,6 +271,7 @@ def quantize_denoiser(pipe: Any, denoiser_name: str, method: W4A8Method, *, iden
             with atomic_directory(directory) as tmp:
                 save_layers(tmp, quantized, {"method": method.facts(), "identity": dict(identity),
                                              "calibration": calibration, "quantize_seconds": seconds})
+                write_manifest(tmp, MANIFEST, {"format": FORMAT, "version": FORMAT_VERSION})  # last: it vouches
             facts["checkpoint_path"] = str(directory)
     for name, layer in quantized.items():
         set_submodule(denoiser, name, layer)

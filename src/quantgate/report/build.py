@@ -10,9 +10,9 @@ from pathlib import Path
 from quantgate.gates import METRICS, format_value
 from quantgate.report import plots
 from quantgate.report.budget import budget_section
+from quantgate.report.claims import Claims, evaluate
 from quantgate.report.document import Bullets, Document, Figure, Image, Paragraph, Section, Table
 from quantgate.report.evaluation import evaluation_section
-from quantgate.report.plans import Plans, evaluate
 from quantgate.report.recommend import recommendations
 from quantgate.report.runs import Result, RunSet
 
@@ -48,9 +48,9 @@ def _run_section(runs: RunSet) -> Section:
     return Section("Run", [Bullets(items)])
 
 
-def _checklist(runs: RunSet, plans: Plans) -> Section:
+def _checklist(runs: RunSet, claims: Claims) -> Section:
     blocks = []
-    for plan in plans.plans:
+    for plan in claims.groups:
         rows, classes = [], []
         for criterion in plan.criteria:
             result = evaluate(criterion, runs)
@@ -88,7 +88,7 @@ def _performance(runs: RunSet) -> Section:
     return Section("Performance", blocks or [Paragraph("No timings in these runs.")])
 
 
-def _memory(runs: RunSet, plans: Plans) -> Section:
+def _memory(runs: RunSet, claims: Claims) -> Section:
     rows = []
     seen = set()
     for r in sorted(runs.results, key=lambda r: (r.model, r.scheme, r.variant, r.batch)):
@@ -101,10 +101,10 @@ def _memory(runs: RunSet, plans: Plans) -> Section:
                      _gib(r.peak_allocated), _gib(r.peak_reserved)])
     blocks = [Table(["model", "scheme / variant", "batch", "transformer GiB", "reduction vs bf16", "pipeline GiB",
                      "peak allocated GiB", "peak reserved GiB"], rows)] if rows else []
-    svg = plots.memory_bars(runs.results, plans.memory_reduction_line)
+    svg = plots.memory_bars(runs.results, claims.memory_reduction_line)
     if svg:
         blocks.append(Figure(svg, f"transformer footprint and peak memory of prompt to image (eager, smallest batch); "
-                                  f"dashed: bf16 footprint / {plans.memory_reduction_line:g}"))
+                                  f"dashed: bf16 footprint / {claims.memory_reduction_line:g}"))
     return Section("Memory", blocks or [Paragraph("No end-to-end runs in these runs.")])
 
 
@@ -178,6 +178,11 @@ def _skips(runs: RunSet) -> Section:
               f"{r['leaked_bytes'] / 2**20:.1f} MiB", {True: "pass", False: "FAIL", None: "no gate"}[r.get("passed")]]
              for r in runs.releases]
     blocks = [Table(["test", "outcome", "reason"], rows, classes)] if rows else [Paragraph("Nothing skipped or failed.")]
+    if runs.not_generated:
+        blocks += [Paragraph(f"Not generated: {sum(runs.not_generated.values())} (test, case) pairs that cannot run "
+                             "on this machine or cannot apply to their scheme:"),
+                   Table(["reason", "pairs"], [[reason, str(count)] for reason, count in
+                                               sorted(runs.not_generated.items(), key=lambda kv: -kv[1])])]
     if runs.timeouts:
         blocks += [Paragraph("Tests stopped for exceeding their time budget (--quantgate-case-timeout):"),
                    Table(["test", "case", "limit", "budget", "stopped after"],
@@ -191,14 +196,14 @@ def _skips(runs: RunSet) -> Section:
     return Section("Skipped, failed and left behind", blocks)
 
 
-def build_report(runs: RunSet, plans: Plans, title: str) -> Document:
+def build_report(runs: RunSet, claims: Claims, title: str) -> Document:
     """The report document of ``runs``."""
     return Document(title, [
         _run_section(runs),
-        _checklist(runs, plans),
-        Section("Recommendations", [Bullets(recommendations(runs, plans.budgets) or ["No results to recommend from."])]),
+        _checklist(runs, claims),
+        Section("Recommendations", [Bullets(recommendations(runs, claims.budgets) or ["No results to recommend from."])]),
         _performance(runs),
-        _memory(runs, plans),
+        _memory(runs, claims),
         _batch_scaling(runs),
         _quality(runs),
         *[s for s in (evaluation_section(runs),) if s is not None],  # quantgate eval results, when present
@@ -208,12 +213,12 @@ def build_report(runs: RunSet, plans: Plans, title: str) -> Document:
     ])
 
 
-def write_report(runs: RunSet, plans: Plans, title: str, out_dir: str | Path) -> tuple[Path, Path]:
+def write_report(runs: RunSet, claims: Claims, title: str, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``out_dir`` (atomically)."""
     from quantgate.atomic import atomic_write_text
     from quantgate.report.document import to_html, to_markdown
 
-    doc = build_report(runs, plans, title)
+    doc = build_report(runs, claims, title)
     out_dir = Path(out_dir)
     return (atomic_write_text(out_dir / "report.html", to_html(doc)),
             atomic_write_text(out_dir / "report.md", to_markdown(doc)))

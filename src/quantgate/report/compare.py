@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from quantgate.errors import ConfigFileError
 from quantgate.gates import METRICS
 from quantgate.report.runs import Result, RunSet, load_runs

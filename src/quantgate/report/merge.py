@@ -42,6 +42,7 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
         "releases": [],
         "timeouts": [],
         "outcomes": {},
+        "not_generated": {},
     }
     for index, (path, part) in enumerate(zip(paths, parts)):
         for bench in part["benchmarks"]:
@@ -57,6 +58,8 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
         merged["quantgate"]["releases"] += [{**r, "part": index} for r in q.get("releases", [])]
         merged["quantgate"]["timeouts"] += [{**t, "part": index} for t in q.get("timeouts", [])]
         merged["quantgate"]["outcomes"].update({f"{node} (part {index})": o for node, o in q.get("outcomes", {}).items()})
+        for reason, count in (q.get("not_generated") or {}).items():
+            merged["quantgate"]["not_generated"][reason] = merged["quantgate"]["not_generated"].get(reason, 0) + count
         if q.get("evaluation"):  # quantgate eval results (report's Evaluation section)
             merged["quantgate"].setdefault("evaluation", []).extend({**e, "part": index} for e in q["evaluation"])
     merged["quantgate"]["selection"] = merged["quantgate"]["parts"][0]["selection"]

@@ -1,7 +1,7 @@
 """Recommendations for production, derived from the measured results only.
 
 Per hardware class and model: the fastest configuration end to end, the smallest transformer,
-the fastest configuration that fits each memory budget of fixtures/plans.toml, and the best
+the fastest configuration that fits each memory budget of fixtures/claims.toml, and the best
 throughput at the largest batch measured. Every number quoted comes from the results; if the
 runs measured no image quality, the recommendation says so.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from quantgate.report.plans import Budget
+from quantgate.report.claims import Budget
 from quantgate.report.runs import Result, RunSet
 
 GIB = 2**30

@@ -130,6 +130,7 @@ class RunSet:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     base_dir: Path = Path(".")
     timeouts: list[dict[str, Any]] = field(default_factory=list)  # tests over their time budget
+    not_generated: dict[str, int] = field(default_factory=dict)  # (test, case) pairs left out, by reason
 
     def artifact_file(self, artifact: dict[str, Any]) -> Path | None:
         """The artifact's file: where the run wrote it, else beside the JSON (copied with it)."""
@@ -201,4 +202,4 @@ def load_runs(paths: list[str | Path]) -> RunSet:
     parts = q.get("parts") or [{"file": Path(paths[0]).name, "datetime": data.get("datetime"),
                                 "commit": data.get("commit_info", {}).get("id"), "selection": q.get("selection")}]
     return RunSet(data, results, verdicts, outcomes, q.get("releases", []), parts, q.get("artifacts", []),
-                  Path(paths[0]).parent, q.get("timeouts", []))
+                  Path(paths[0]).parent, q.get("timeouts", []), dict(q.get("not_generated") or {}))

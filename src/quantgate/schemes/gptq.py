@@ -56,6 +56,7 @@ def _entry(name: str, method: str, config: GPTQConfig, summary: str, baseline: s
         plan=lambda request: QuantizationPlan(None),
         post_load=_post_load(method, config),
         markers=("gptq",),
+        lora_unsupported="its block linears are quantgate's W4A8Linear, for which peft has no LoRA layer",
         details={"config": f"transformer-block linears: 4-bit {grid} weights by {how}, packed; dynamic per-token "
                            "int8 activations; torch._int_mm where rows > 16 and per-channel scales, else dequantized "
                            "(recorded per layer group); embedders and final layers bf16",

@@ -1,6 +1,7 @@
 """svdquant-ref: quantgate's own SVDQuant (W4A4 + rank-32 bf16 low-rank branch), any device.
 
-Loaded as bf16 through diffusers, then calibrated and quantized in place (``post_load``):
+Loaded as bf16 through diffusers, then calibrated and quantized in place (``post_load``), or
+loaded from the quantized checkpoint an earlier run cached (``quantgate.quant.svdquant_store``):
 the pipeline runs the calibration prompts over its timesteps while hooks fold every block
 linear's inputs into per-channel absmax statistics and a small reservoir of real input rows
 (cached on disk), then each block linear is smoothed, split into a bf16 low-rank branch and a
@@ -43,26 +44,52 @@ def make_post_load(config: SVDQuantConfig):
 
     def post_load(pipe: Any, request: QuantizationRequest) -> dict[str, Any]:
         from quantgate.measure.memory import synchronize
+        from quantgate.quant import svdquant_store
         from quantgate.quant.calibration import collect_cached
-        from quantgate.quant.svdquant import block_linears, quantize_model, stats_factory, storage_breakdown
+        from quantgate.quant.svdquant import (
+            block_linears,
+            per_image_linears,
+            quantize_model,
+            stats_factory,
+            storage_breakdown,
+        )
 
         settings = calibration_for(request)
         notes: dict[str, Any] = {}
         for name in request.components:
             module = getattr(pipe, name)
             targets = block_linears(module, request.spec.per_image_linears)
-            start = time.perf_counter()
-            kind = f"svdquant-absmax-sample{config.sample_rows}"
-            stats, facts = collect_cached(pipe, module, targets, stats_factory(config, settings.seed),
-                                          kind, settings, {**request.identity, "component": name},
-                                          request.cache_dir, desc=f"quantgate: svdquant calibration ({name})")
-            del targets  # holds every 16-bit layer: quantize_model frees them one by one
-            calibrated = time.perf_counter()
-            result = quantize_model(module, stats, config, request.spec.per_image_linears)
-            synchronize(request.device)
-            result["calibration"] = {**facts, "steps": settings.call_kwargs.get("num_inference_steps"),
-                                     "seconds": round(calibrated - start, 3)}
-            result["quantize_seconds"] = round(time.perf_counter() - calibrated, 3)
+            layers = [*targets, *per_image_linears(module, request.spec.per_image_linears)]
+            key = svdquant_store.checkpoint_key({**request.identity, "component": name}, config.describe(),
+                                                settings.key_facts(), layers)
+            directory = request.cache_dir / "quantized" / key if request.cache_dir is not None else None
+            damaged = svdquant_store.problem(directory) if directory is not None and directory.exists() else None
+            if directory is not None and directory.exists() and damaged is None:
+                del targets
+                start = time.perf_counter()
+                result = dict(svdquant_store.load(directory, module, request.device))
+                synchronize(request.device)
+                result.update(checkpoint="hit", checkpoint_path=str(directory),
+                              checkpoint_load_seconds=round(time.perf_counter() - start, 3))
+            else:
+                start = time.perf_counter()
+                kind = f"svdquant-absmax-sample{config.sample_rows}"
+                stats, facts = collect_cached(pipe, module, targets, stats_factory(config, settings.seed),
+                                              kind, settings, {**request.identity, "component": name},
+                                              request.cache_dir, desc=f"quantgate: svdquant calibration ({name})")
+                del targets  # holds every 16-bit layer: quantize_model frees them one by one
+                calibrated = time.perf_counter()
+                result = quantize_model(module, stats, config, request.spec.per_image_linears)
+                synchronize(request.device)
+                result["calibration"] = {**facts, "steps": settings.call_kwargs.get("num_inference_steps"),
+                                         "seconds": round(calibrated - start, 3)}
+                result["quantize_seconds"] = round(time.perf_counter() - calibrated, 3)
+                if directory is not None:
+                    svdquant_store.save(directory, module, layers, result)
+                result.update(checkpoint="miss" if directory is not None else "off",
+                              **({"checkpoint_path": str(directory)} if directory is not None else {}),
+                              **({"checkpoint_damaged": damaged} if damaged else {}))
+            result["checkpoint_key"] = key
             result["storage_bytes"] = storage_breakdown(module)
             result["per_image_linears"] = {
                 "pattern": request.spec.per_image_linears,

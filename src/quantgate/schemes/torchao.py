@@ -54,7 +54,10 @@ def _entry(name: str, summary: str, config: str, main: AoFactory, *, per_image: 
         requires=requires or Requirements(packages=_TORCHAO),
         plan=_plan(main, per_image),
         markers=("torchao",),
-        details={"config": f"TorchAoConfig({config})"},
+        details={"config": f"TorchAoConfig({config})",
+                 # peft's torchao merge re-applies the config per layer, which FqnToConfig refuses
+                 **({"lora_fuse_unsupported": "peft re-quantizes a fused layer with the scheme's config, and "
+                                              "torchao refuses a filter_fn beside FqnToConfig"} if per_image else {})},
     )
 
 

@@ -1,4 +1,5 @@
-"""The plans' success criteria (fixtures/plans.toml), filled in from a run's verdicts and outcomes."""
+"""The claims of the plans quantgate started from (fixtures/claims.toml): criteria filled in from a
+run's verdicts and outcomes. (The named selections a run makes are ``quantgate.plans``.)"""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ SELECTOR_KEYS = ("model", "source", "scheme", "variant", "batch", "hardware")
 class Criterion:
     claim: str
     metric: str | None
-    test: str | None
+    tests: tuple[str, ...]  # any of these tests' outcomes decides it (with no metric)
     selectors: Mapping[str, tuple[Any, ...]]
     each: str | None = None  # a selector every listed value of which must be covered
 
@@ -32,7 +33,9 @@ class Criterion:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ClaimGroup:
+    """One source of claims (the SVDQuant paper, TorchAO's FLUX recipe, the SD3.5 GPTQ plan)."""
+
     name: str
     criteria: tuple[Criterion, ...]
 
@@ -44,21 +47,24 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class Plans:
-    plans: tuple[Plan, ...]
+class Claims:
+    groups: tuple[ClaimGroup, ...]
     budgets: tuple[Budget, ...]
     memory_reduction_line: float = 3.5
 
 
-def load_plans(path: str | Path) -> Plans:
-    """Read and validate fixtures/plans.toml."""
+def load_claims(path: str | Path) -> Claims:
+    """Read and validate fixtures/claims.toml."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigFileError(path, f"cannot read plans: {exc}") from None
-    plans = []
-    for p in data.get("plan", []):
+        raise ConfigFileError(path, f"cannot read claims: {exc}") from None
+    unknown_tables = sorted(set(data) - {"claims", "budget", "report"})
+    if unknown_tables:
+        raise ConfigFileError(path, f"unknown table {unknown_tables[0]!r} (valid: claims, budget, report)")
+    groups = []
+    for p in data.get("claims", []):
         criteria = []
         for c in p.get("criterion", []):
             unknown = set(c) - {"claim", "metric", "test", "each", *SELECTOR_KEYS}
@@ -69,11 +75,13 @@ def load_plans(path: str | Path) -> Plans:
             if c.get("each") and c["each"] not in selectors:
                 raise ConfigFileError(path, f"criterion {c['claim']!r}: each = {c['each']!r} names no selector",
                                       key=p.get("name"))
-            criteria.append(Criterion(c["claim"], c.get("metric"), c.get("test"), selectors, c.get("each")))
-        plans.append(Plan(p["name"], tuple(criteria)))
+            tests = c.get("test") or ()
+            criteria.append(Criterion(c["claim"], c.get("metric"), tuple([tests] if isinstance(tests, str) else tests),
+                                      selectors, c.get("each")))
+        groups.append(ClaimGroup(p["name"], tuple(criteria)))
     budgets = tuple(Budget(b["name"], int(b["bytes"])) for b in data.get("budget", []))
     line = float(data.get("report", {}).get("memory_reduction_line", 3.5))
-    return Plans(tuple(plans), budgets, line)
+    return Claims(tuple(groups), budgets, line)
 
 
 @dataclass
@@ -96,7 +104,7 @@ def evaluate(criterion: Criterion, runs: RunSet) -> Evaluation:
             return Evaluation(criterion, "pass" if all(v["passed"] for v in verdicts) else "fail", evidence)
         if measured:
             return Evaluation(criterion, "measured, no gate", [f"{v['case']}: {v['value']:.4g}" for v in measured])
-    outcomes = [o for o in runs.outcomes if (criterion.test is None or o.get("test") == criterion.test)
+    outcomes = [o for o in runs.outcomes if (not criterion.tests or o.get("test") in criterion.tests)
                 and criterion.matches(o)]
     if not outcomes:
         return Evaluation(criterion, "not measured", ["no test in these runs measured it"])
