@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The reference GPU run: the main job with a fixed selection, its log and environment kept
+# The reference GPU run: the main job exactly as the README gives it (pytest -m gpu
+# --benchmark-json=...), its log and environment kept
 # beside the benchmark JSON. Usage: tools/reference-run.sh OUTDIR [extra pytest args...]
 # Wheels missing on the machine may be staged in ./.whl (see README, "GPU machines without
 # network"); they are installed into a private site directory, never over the system's.
@@ -10,5 +11,5 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 { nvidia-smi || true; df -h /tmp . || true; python3 -c 'import json, quantgate.hardware as h; print(json.dumps(h.machine_facts(), indent=1))'; } > "$out/environment.txt" 2>&1
-QUANTGATE_COMMIT=${QUANTGATE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} python3 -m pytest -m gpu -p no:cacheprovider --rootdir "$PWD" --benchmark-json="$out/benchmark.json" "$@" 2>&1 | tee "$out/pytest.log"
+QUANTGATE_COMMIT=${QUANTGATE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} python3 -m pytest -m gpu --benchmark-json="$out/benchmark.json" "$@" 2>&1 | tee "$out/pytest.log"
 exit "${PIPESTATUS[0]}"
