@@ -31,7 +31,7 @@ def test_runs_within_gpu_budget(case, pipeline, prompts, gpu_budget, gates):
     gates.require("gpu_budget_fraction_used", fraction)
 
 
-@pytest.mark.after_timings
+@pytest.mark.compares_cases  # reads the offloaded bf16 cases' timings
 @pytest.mark.applies.with_args(except_schemes("bf16", why="bf16's fastest offload variant that fits is the baseline itself"))
 def test_end_to_end_speedup_vs_offloaded_bf16(runs_here, records, gpu_budget, gates):
     """The scheme is x times faster prompt to image than bf16 with the fastest offload variant that

@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.perf, pytest.mark.memory]
 BASELINES = {"bf16": "bf16", "bnb-nf4": "nf4"}
 
 
+@pytest.mark.times("end_to_end")
 def test_prompt_to_image(case, pipeline, bench, prompts, gates):
     """The scheme's pipeline turns prompt strings into finite images of the requested size, and
     no timed round compiled."""
@@ -31,6 +32,7 @@ def test_prompt_to_image(case, pipeline, bench, prompts, gates):
 
 @pytest.mark.gpu_only
 @pytest.mark.applies.with_args(not_the_baseline())
+@pytest.mark.compares_cases(timing="end_to_end")
 @pytest.mark.parametrize("baseline", BASELINES)
 def test_end_to_end_speedup(case, baseline, speedup, gates):
     """Prompt to image is at least x times faster than with the eager baseline."""

@@ -19,7 +19,7 @@ from quantgate.schemes import get_scheme
 pytestmark = [pytest.mark.quality, pytest.mark.per_pipeline]
 
 
-@pytest.mark.after_timings  # reads the errors test_quality.py records for this case and its baseline
+@pytest.mark.compares_cases  # reads the errors test_quality.py records for this case and its RTN baseline
 @pytest.mark.applies.with_args(scheme_detail("rtn_baseline", "the scheme is no GPTQ scheme (it names no round-to-nearest "
                                                    "baseline)"))
 def test_gptq_error_is_below_round_to_nearest(case, records, gates):

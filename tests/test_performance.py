@@ -16,6 +16,7 @@ BASELINES = {"bf16": "bf16", "bnb-nf4": "nf4"}
 
 
 @pytest.mark.runs_first
+@pytest.mark.times("transformer")
 def test_transformer_forward(case, pipeline, bench, gates):
     """One denoiser forward on fixed seeded inputs; FLOPs and achieved TFLOP/s are recorded, and
     no timed round compiled (a recompile would time the compiler, not the model)."""
@@ -29,6 +30,7 @@ def test_transformer_forward(case, pipeline, bench, gates):
 
 @pytest.mark.gpu_only
 @pytest.mark.applies.with_args(not_the_baseline())
+@pytest.mark.compares_cases(timing="transformer")
 @pytest.mark.parametrize("baseline", BASELINES)
 def test_transformer_speedup(case, baseline, speedup, gates):
     """The scheme's transformer forward is at least x times faster than the eager baseline's."""

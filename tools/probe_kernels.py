@@ -56,7 +56,7 @@ def probe_fp8_block():
                 block.compile(dynamic=False, **({"mode": "max-autotune-no-cudagraphs"} if "autotune" in mode else {}))
             with torch.inference_mode():
                 try:
-                    ms = cuda_time(lambda: block(x, ctx, temb, image_rotary_emb=rope))
+                    ms = cuda_time(lambda block=block: block(x, ctx, temb, image_rotary_emb=rope))
                 except Exception as exc:
                     ms = f"FAIL {str(exc).splitlines()[0][:80]}"
             results[(scheme, mode)] = ms

@@ -96,12 +96,42 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    False where the kernel, libc or filesystem cannot (then nothing was changed).
+    """
+    import ctypes
+    import ctypes.util
+    import errno
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it to ``final`` on success.
+    """Build a directory under a temporary name and put it in place of ``final`` on success.
 
     On an exception the temporary directory is removed and ``final`` is untouched. An
-    existing ``final`` is replaced (the caller decided it was stale or corrupt).
+    existing ``final`` (the caller decided it was stale or corrupt) is replaced so that its
+    name always holds one complete directory, the old or the new: the two are exchanged in one
+    step where Linux can (``renameat2``); elsewhere the old one is moved aside first and moved
+    back if the new one's rename is interrupted, which leaves a window of one rename.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +140,21 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_dir(tmp)
+        if final.is_dir() and not final.is_symlink():
+            if exchange(tmp, final):  # tmp now holds the old directory; the except below removes it too
+                _fsync_dir(final.parent)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            aside = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, aside)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(aside, final)
+                raise
+            _fsync_dir(final.parent)
+            shutil.rmtree(aside, ignore_errors=True)
+            return
         if final.exists() or final.is_symlink():
             remove_tree(final)
         os.rename(tmp, final)

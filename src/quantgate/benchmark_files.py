@@ -99,4 +99,25 @@ def make_atomic(bs: Any) -> bool:
 def pytest_sessionstart(session: pytest.Session) -> None:
     bs = getattr(session.config, "_benchmarksession", None)
     if bs is not None:
+        if bs.json and (problem := json_target_problem(benchmark_json_path(bs.json))):
+            raise pytest.UsageError(f"--benchmark-json: {problem}")
         make_atomic(bs)
+
+
+def json_target_problem(path: Any) -> str | None:
+    """Why the results could not be written to ``path`` once every test ran, or None: checked
+    before the first test, so a typo costs seconds, not the run."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        return f"{target} is a directory; give a file name, e.g. {target / 'out.json'}"
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        return f"the directory {parent} does not exist; create it first (mkdir -p {parent})"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"the directory {parent} is not writable; results are written beside {target.name} and renamed"
+    if target.exists() and not os.access(target, os.W_OK):
+        return f"{target} is not writable"
+    return None

@@ -88,7 +88,8 @@ def _summary(args: argparse.Namespace) -> int:
     from quantgate.report.build import build_report
     from quantgate.report.document import to_markdown
 
-    text = to_markdown(build_report(load_runs(args.benchmark_json), _claims(args.claims), args.title))
+    text = to_markdown(build_report(load_runs(args.benchmark_json, args.allow_mixed_machines), _claims(args.claims),
+                                    args.title))
     if args.output:
         atomic_write_text(args.output, text)
     else:
@@ -100,7 +101,8 @@ def _report(args: argparse.Namespace) -> int:
     from quantgate.report import load_runs
     from quantgate.report.build import write_report
 
-    html_file, md_file = write_report(load_runs(args.benchmark_json), _claims(args.claims), args.title, args.output)
+    html_file, md_file = write_report(load_runs(args.benchmark_json, args.allow_mixed_machines), _claims(args.claims),
+                                      args.title, args.output)
     print(f"{html_file}\n{md_file}")
     if args.screenshot:
         from quantgate.report.browser import screenshot
@@ -127,6 +129,10 @@ def _compare(args: argparse.Namespace) -> int:
     comparison = compare_runs(base, new, tolerance=args.tolerance / 100, figure_tolerance=args.memory_tolerance / 100,
                               allow_cross_hardware=args.allow_cross_hardware, base_label=base_label,
                               new_label=new_label)
+    for label, runs in ((base_label, base), (new_label, new)):
+        for stop in runs.interrupted:  # a partial run compares fewer cases; say so before the verdict
+            print(f"note: {label} is partial: interrupted (Ctrl-C) in {stop.get('in_test')} after "
+                  f"{stop.get('finished_tests')} tests")
     print(as_text(comparison), end="")
     if args.output:
         doc = render(comparison, history, title=f"quantgate compare: {base_label} -> {new_label}")
@@ -226,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="directory for report.html and report.md")
     p.add_argument("--title", default="quantgate report", help="the report's heading")
     p.add_argument("--claims", help="the claims' success criteria and memory budgets (default: fixtures/claims.toml)")
+    p.add_argument("--allow-mixed-machines", action="store_true",
+                   help="merge files from different GPUs, drivers or library versions (as quantgate merge)")
     p.add_argument("--screenshot", action="store_true", help="also render report.png in headless Chromium")
     p.add_argument("--screenshot-height", type=int, default=2400, help="pixels (default: 2400)")
     p.set_defaults(func=_report)
@@ -235,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of standard output")
     p.add_argument("--title", default="quantgate run", help="the summary's heading")
     p.add_argument("--claims", help="the claims' success criteria and memory budgets (default: fixtures/claims.toml)")
+    p.add_argument("--allow-mixed-machines", action="store_true",
+                   help="merge files from different GPUs, drivers or library versions (as quantgate merge)")
     p.set_defaults(func=_summary)
 
     p = sub.add_parser("compare", help="noise-aware comparison of benchmark runs across commits; exit 1 on regression")

@@ -81,7 +81,7 @@ def _plan(args: argparse.Namespace) -> int:
     collector = collect(args.name, args.tier, args.pytest_args or [])
     durations = recorded_durations(files)
     groups: dict[str, list[tuple[str, float | None]]] = defaultdict(list)
-    for nodeid, case, test in collector.items:
+    for nodeid, case, _test in collector.items:
         groups[case or "(harness tests)"].append((nodeid, durations.get(nodeid)))
     plan = collector.summary.get("plan") or {}
     print(f"plan {plan.get('name', args.name)}: {plan.get('description', '')}".rstrip(": "))
@@ -94,7 +94,7 @@ def _plan(args: argparse.Namespace) -> int:
               + (f"  ({len(tests) - len(known)} without a recorded duration)" if len(known) < len(tests) else ""))
         if args.verbose:
             for nodeid, seconds in tests:
-                print(f"      {'%7.1f s' % seconds if seconds is not None else '      ?  '}  {nodeid}")
+                print(f"      {f'{seconds:7.1f} s' if seconds is not None else '      ?  '}  {nodeid}")
     total = sum(len(t) for t in groups.values())
     print(f"{total} tests in {len(groups)} groups; expected {known_total / 60:.1f} min from "
           f"{len(files)} recorded runs" + (f", and {unknown} tests no run recorded" if unknown else ""))

@@ -28,6 +28,11 @@ class Metric:
     unit: str  # "x" (ratio), "bytes", "s", "fraction", "dB", "count"
     description: str
     better: str = "higher"  # which direction is an improvement, for comparisons across runs
+    lowest: float | None = 0.0  # the smallest value the metric can take (None: unbounded below)
+
+    def __post_init__(self) -> None:
+        if self.unit == "dB" and self.lowest == 0.0:
+            object.__setattr__(self, "lowest", None)  # a decibel ratio can be negative
 
 
 METRICS: dict[str, Metric] = {
@@ -68,7 +73,7 @@ METRICS: dict[str, Metric] = {
     "image_lpips_vs_reference": Metric(
         "fraction", "mean LPIPS distance of the images to the reference (pretrained backbone only)", better="lower"),
     "clip_score_cosine": Metric(
-        "fraction", "mean cosine of CLIP image and prompt embeddings (pretrained CLIP only)"),
+        "fraction", "mean cosine of CLIP image and prompt embeddings (pretrained CLIP only)", lowest=-1.0),
     "clip_score_ratio_vs_reference": Metric(
         "fraction", "the images' mean CLIP cosine divided by the reference images' on the same prompts"),
     "transformer_output_error_ratio_vs_rtn": Metric(
@@ -79,7 +84,7 @@ METRICS: dict[str, Metric] = {
     # SVDQuant
     "low_rank_branch_timing_overhead": Metric(
         "fraction", "transformer forward median with the low-rank branch over the median without it, minus 1",
-        better="lower"),
+        better="lower", lowest=-1.0),
     # -- LoRA (tests/test_lora.py); "out" is one transformer forward on fixed seeded inputs ----------
     "lora_effect_relative_change": Metric(
         "fraction", "||out with the LoRA at strength 1 - out without|| / ||out without||, same pipeline"),
@@ -87,7 +92,7 @@ METRICS: dict[str, Metric] = {
         "x", "the LoRA's effect (above) over the scheme's own noise ||out - bf16 out|| / ||bf16 out||, no LoRA"),
     "lora_effect_cosine_vs_bf16": Metric(
         "fraction", "cosine between this case's LoRA effect (out with - out without) and bf16 eager's on the same "
-                    "inputs: the LoRA moves the quantized model in the direction it moves bf16"),
+                    "inputs: the LoRA moves the quantized model in the direction it moves bf16", lowest=-1.0),
     "lora_effect_size_ratio_vs_bf16": Metric(
         "x", "||this case's LoRA effect|| / ||bf16 eager's LoRA effect||: the LoRA moves it as far as bf16"),
     "lora_image_psnr_db_vs_no_lora": Metric(
@@ -220,13 +225,15 @@ class GateBook:
     gates: list[Gate] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: str | Path, vocabulary: Mapping[str, Collection[Any]] | None = None) -> GateBook:
-        """Read and validate ``path``; ``vocabulary`` lists the valid value of each selector.
+    def load(cls, path: str | Path, vocabulary: Mapping[str, Collection[Any]] | None = None,
+             option: str = "--quantgate-gates") -> GateBook:
+        """Read and validate ``path``; ``vocabulary`` lists the valid value of each selector; ``option``
+        is the flag that names another file (the plugin's, or a CLI command's ``--gates``).
 
         Raises ConfigFileError naming the file, line and key of the first problem.
         """
         path = Path(path)
-        data, text = read_toml(path, "gates file", "gates file not found (pass --quantgate-gates FILE)")
+        data, text = read_toml(path, "gates file", f"gates file not found (pass {option} FILE)")
         unknown = set(data) - {"gate"}
         if unknown:
             key = sorted(unknown)[0]
@@ -292,6 +299,16 @@ def _parse_gate(raw: Any, path: Path, line: int | None, vocabulary: Mapping[str,
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigFileError(path, f"{key} must be a number, got {value!r}", line=line, key=key)
         bounds[key] = None if value is None else float(value)
+        if bounds[key] is not None and not math.isfinite(bounds[key]):
+            raise ConfigFileError(path, f"{key} must be a finite number, got {value!r}: NaN fails every value and "
+                                  "an infinite bound none", line=line, key=key)
+    lowest = METRICS[metric].lowest
+    if lowest is not None and bounds["min"] is not None and bounds["min"] <= lowest:
+        raise ConfigFileError(path, f"min {bounds['min']:g} can never fail: {metric} is never below {lowest:g}",
+                              line=line, key="min")
+    if lowest is not None and bounds["max"] is not None and bounds["max"] < lowest:
+        raise ConfigFileError(path, f"max {bounds['max']:g} can never pass: {metric} is never below {lowest:g}",
+                              line=line, key="max")
     if bounds["min"] is None and bounds["max"] is None:
         raise ConfigFileError(path, "a gate needs min, max or both", line=line, key=metric)
     if bounds["min"] is not None and bounds["max"] is not None and bounds["min"] > bounds["max"]:

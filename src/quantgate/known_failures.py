@@ -2,8 +2,8 @@
 
 ``fixtures/known_failures.toml`` lists what a device run showed cannot work, or cannot finish,
 on specific library versions. Each entry gives the scheme, the variant, the device and
-optionally the models, plus the version specifiers of the stack it was seen on. A matching case is skipped with the reason and
-the report that measured it, and ``--quantgate-run-known-failures`` runs it anyway. An entry
+optionally the models, plus the version specifiers of the stack it was seen on. A matching case
+is skipped with the reason and the report that measured it, and ``--quantgate-run-known-failures`` runs it anyway. An entry
 matches only the versions it names, so a newer torch or torchao runs the case again and shows
 whether the failure is gone.
 """

@@ -13,6 +13,12 @@ Within one pipeline group (the consecutive tests of one loaded pipeline) each te
 3. alters: may change the weights for good (``alters_pipeline``: fusing a LoRA re-quantizes
    them); each gets a pipeline no other test changed, and the pipeline is reloaded after it.
 
+Tests marked ``compares_cases`` (a speedup over bf16 or NF4, GPTQ against round-to-nearest)
+read what tests of *other* cases record and load no pipeline: they run after every pipeline
+group, so a case's comparison never runs before its baseline's timing. A test marked
+``times(scope)`` records the timing such a comparison reads; a comparison whose baseline case
+times nothing in the session is not generated (``quantgate.plugin`` says so).
+
 Tests keep their collection order within a role. The fingerprint after each test
 (``quantgate.fingerprint``) proves the readers and mutators left the pipeline as loaded.
 """
@@ -26,6 +32,9 @@ ROLE_MARKERS = {
     "mutates_pipeline": "changes the loaded pipeline and restores it (runs after the tests that only read it)",
     "after_timings": "compares what other tests of the same pipeline record (timings, output errors); runs after "
                      "them",
+    "compares_cases": "compares what tests of other cases record (compares_cases(timing=SCOPE): the baseline "
+                      "case's SCOPE timing); runs after every pipeline group",
+    "times": "times(SCOPE): records the SCOPE timing (transformer, end_to_end) that comparisons read",
     "alters_pipeline": "may change the loaded pipeline's weights for good; runs last in its group, on a pipeline "
                        "no other test changed, which is reloaded afterwards",
 }
@@ -41,6 +50,11 @@ def role(item: Any) -> float:
     if item.get_closest_marker("mutates_pipeline") is not None or MUTATING_FIXTURES & set(item.fixturenames):
         return 1
     return -0.5 if item.get_closest_marker("runs_first") is not None else 0
+
+
+def compares_cases(item: Any) -> bool:
+    """Whether ``item`` compares other cases' records and so runs after every pipeline group."""
+    return item.get_closest_marker("compares_cases") is not None
 
 
 def alters(item: Any) -> bool:

@@ -112,6 +112,8 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "prompts": ("prompt file (default: <rootdir>/fixtures/prompts/gate.txt)", None),
     "rounds": ("timed rounds per benchmark (default: 3)", "3"),
     "warmup": ("untimed warm-up rounds before them (default: 1)", "1"),
+    "cpu-rounds": ("timed rounds per benchmark on the CPU tier, where no timing is gated (default: --quantgate-rounds)",
+                   None),
     "steps": ("override every model's number of inference steps", None),
     "resolution": ("override the resolution: N or HxW, multiples of 16", None),
     "seed": ("seed of synthetic weights and of generation (default: 0)", "0"),
@@ -125,7 +127,9 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "calibration-prompts": ("calibration prompt file for GPTQ/SVDQuant (default: "
                             "<rootdir>/fixtures/prompts/calibration.txt)", None),
     "calibration-samples": ("calibration samples (images generated) for GPTQ/SVDQuant "
-                            "(default: 256 on a GPU, 16 on the CPU tier)", None),
+                            "(default: 256 on a GPU, 16 on the CPU tier); sets both tiers", None),
+    "gpu-calibration-samples": ("calibration samples on a GPU only (a plan's short calibration that leaves the "
+                                "CPU tier's at 16); --quantgate-calibration-samples wins over it", None),
 }
 
 
@@ -157,12 +161,19 @@ def _calibration(config: pytest.Config) -> CalibrationSettings:
             prompts = PromptSet.load(path).prompts
         except ConfigFileError as exc:
             raise pytest.UsageError(str(exc)) from None
-    samples = _option(config, "calibration-samples")
     seed = _int(_option(config, "seed"), "seed", 0) or 0
-    if samples is None:
-        return CalibrationSettings(prompts, seed=seed, prompts_file=str(path))
-    n = _int(samples, "calibration-samples", 1) or 1
-    return CalibrationSettings(prompts, samples=n, cpu_samples=n, seed=seed, prompts_file=str(path))
+    counts: dict[str, int] = {}
+    gpu = _option(config, "gpu-calibration-samples")
+    if gpu is not None:
+        counts["samples"] = _int(gpu, "gpu-calibration-samples", 1) or 1
+    samples = _option(config, "calibration-samples")
+    # Given on the command line or in the ini file it sets both tiers, over a plan's GPU count.
+    if samples is not None and (options.given(config, "calibration-samples") is not None or gpu is None):
+        n = _int(samples, "calibration-samples", 1) or 1
+        counts.update(samples=n, cpu_samples=n)
+    elif samples is not None:
+        counts["cpu_samples"] = _int(samples, "calibration-samples", 1) or 1
+    return CalibrationSettings(prompts, seed=seed, prompts_file=str(path), **counts)
 
 
 def _plan(config: pytest.Config) -> Plan:
@@ -263,6 +274,7 @@ class QuantgateRun:
     prompts_path: Path
     rounds: int
     warmup_rounds: int
+    cpu_rounds: int
     pipelines: PipelineCache
     golden_dir: Path = Path("golden_images")
     update_golden: bool = False
@@ -275,6 +287,9 @@ class QuantgateRun:
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     releases: list[dict[str, Any]] = field(default_factory=list)
     timeouts: list[dict[str, Any]] = field(default_factory=list)  # cases over their time budget (quantgate.timeouts)
+    running: str | None = None  # the test in progress (for an interruption's record)
+    interrupted: dict[str, Any] | None = None  # Ctrl-C: where the run stopped; the JSON says it is partial
+    config: Any = None  # the pytest config, for the run's own hooks
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     records: Records = field(default_factory=Records)
     case_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)  # nodeid -> its case, for outcomes
@@ -334,6 +349,13 @@ class QuantgateRun:
                                                           or config.rootpath / "fixtures" / "known_failures.toml")))
         except ConfigFileError as exc:
             raise pytest.UsageError(str(exc)) from None
+        prompts_path = Path(_option(config, "prompts") or config.rootpath / "fixtures" / "prompts" / "gate.txt")
+        prompts = None
+        if _option(config, "prompts") is not None:  # a file the user named is read now: a bad one stops the run
+            try:
+                prompts = PromptSet.load(prompts_path)
+            except ConfigFileError as exc:
+                raise pytest.UsageError(f"--quantgate-prompts: {exc}") from None
         phases = Phases()
         return cls(
             phases=phases,
@@ -341,9 +363,11 @@ class QuantgateRun:
             selection=selection,
             ctx=ctx,
             gates=gates,
-            prompts_path=Path(_option(config, "prompts") or config.rootpath / "fixtures" / "prompts" / "gate.txt"),
+            prompts_path=prompts_path,
+            _prompts=prompts,
             rounds=_int(_option(config, "rounds"), "rounds", 1) or 1,
             warmup_rounds=_int(_option(config, "warmup"), "warmup", 0) or 0,
+            cpu_rounds=_int(_option(config, "cpu-rounds") or _option(config, "rounds"), "cpu-rounds", 1) or 1,
             pipelines=PipelineCache(ctx, _calibration(config), phases),
             golden_dir=_display_path(Path(_option(config, "golden-dir") or config.rootpath / "golden_images")),
             update_golden=bool(config.getoption("quantgate_update_golden")),
@@ -434,6 +458,21 @@ class QuantgateRun:
                 reason = _failure_reason(report)
             record.update(outcome=report.outcome, when=report.when, reason=reason)
 
+    # Hooks of the run itself (it is registered as the plugin "quantgate-run").
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        """Remember the test in progress, so an interruption can say where the run stopped."""
+        self.running = nodeid
+
+    def pytest_keyboard_interrupt(self) -> None:
+        """Ctrl-C: mark the results as partial, naming the test it stopped in, and keep only the
+        benchmarks that finished (pytest-benchmark cannot summarize one stopped inside its rounds)."""
+        finished = [node for node in self.outcomes if node != self.running]
+        self.interrupted = {"in_test": self.running, "finished_tests": len(finished),
+                            "wall_seconds": round(self.phases.wall_seconds(), 1)}
+        bs = getattr(self.config, "_benchmarksession", None) if self.config is not None else None
+        if bs is not None:
+            bs.benchmarks[:] = [bench for bench in bs.benchmarks if bench]
+
     def summary(self) -> dict[str, Any]:
         """What quantgate adds to the benchmark JSON."""
         gates_bytes = self.gates.path.read_bytes() if self.gates.path.is_file() else b""
@@ -456,6 +495,7 @@ class QuantgateRun:
             "releases": self.releases,
             "timeouts": self.timeouts,
             "outcomes": self.outcomes,
+            **({"interrupted": self.interrupted} if self.interrupted else {}),
         }
 
 
@@ -490,6 +530,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, text in markers.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     run = QuantgateRun.from_config(config)
+    run.config = config
     config.stash[_RUN_KEY] = run
     config.pluginmanager.register(run, "quantgate-run")
     if config.pluginmanager.hasplugin("benchmark"):
@@ -532,7 +573,7 @@ def _tier_selected(config: pytest.Config, tier: str) -> bool:
         compiled = Expression.compile(expression)
     except Exception:  # noqa: BLE001 - pytest reports a bad -m expression itself
         return True
-    return any(compiled.evaluate(lambda name, *_, **__: name == tier if name in TIERS else others)
+    return any(compiled.evaluate(lambda name, *_, others=others, **__: name == tier if name in TIERS else others)
                for others in (True, False))
 
 
@@ -557,6 +598,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             dropped.append(item)
         else:
             kept.append(item)
+    kept = _without_untimed_baselines(kept, run, dropped)
     if dropped:
         items[:] = kept
         config.hook.pytest_deselected(items=dropped)
@@ -571,6 +613,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         case = _case_of(item)
         if case is None:
             return (0, 0, 0, order[id(item)])
+        if ordering.compares_cases(item):
+            return (2, 0, 0, order[id(item)])
         return (1, groups[case.pipeline_key], ordering.role(item), order[id(item)])
 
     items.sort(key=key)
@@ -580,6 +624,46 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             run.case_attrs[item.nodeid] = {"test": item.originalname, "case": case.id, "model": case.model,
                                            "source": case.source, "scheme": case.scheme, "variant": case.variant,
                                            "batch": case.batch, "device": case.device}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After every deselection (-k, -m, plans): refuse a golden update that would write nothing."""
+    run = session.config.pluginmanager.get_plugin("quantgate-run")
+    if run is None or not run.update_golden or session.config.option.collectonly:
+        return
+    from quantgate.applicability import is_baseline
+
+    writers = [item for item in session.items if "reference" in getattr(item, "fixturenames", ())
+               and (case := _case_of(item)) is not None and is_baseline(case)]
+    if not writers:
+        raise pytest.UsageError(
+            "--quantgate-update-golden writes the golden images from the bf16 eager cases of the quality tests, and "
+            "this selection has none: add bf16 to --quantgate-schemes and eager to --quantgate-variants, or drop the "
+            "-k / -m filter that excludes tests/test_quality.py")
+
+
+def _without_untimed_baselines(items: list[pytest.Item], run: QuantgateRun,
+                               dropped: list[pytest.Item]) -> list[pytest.Item]:
+    """``items`` less the comparisons (``compares_cases(timing=SCOPE)``, parametrized by ``baseline``)
+    whose baseline case records no SCOPE timing in this session; each is counted in ``left_out``."""
+    timed: set[tuple[Any, ...]] = set()
+    for item in items:
+        case, marker = _case_of(item), item.get_closest_marker("times")
+        if case is not None and marker is not None:
+            timed.add((*case.pipeline_key, case.batch, marker.args[0]))
+    kept = []
+    for item in items:
+        case, marker = _case_of(item), item.get_closest_marker("compares_cases")
+        scope = marker.kwargs.get("timing") if marker is not None else None
+        baseline = dict(getattr(getattr(item, "callspec", None), "params", {}) or {}).get("baseline")
+        if case is not None and scope and baseline and \
+                (case.device, case.model, case.source, baseline, "eager", case.batch, scope) not in timed:
+            run.left_out[f"{item.originalname}: {baseline} eager at batch {case.batch} has no {scope} timing "
+                         f"in this selection"] += 1
+            dropped.append(item)
+        else:
+            kept.append(item)
+    return kept
 
 
 @pytest.hookimpl(wrapper=True)
@@ -743,6 +827,7 @@ class Bench:
     def __init__(self, benchmark: Any, case: Case, loaded: LoadedPipeline, run: QuantgateRun):
         self.compiles_in_timed_rounds = 0  # set by each call
         self.benchmark, self.case, self.loaded, self.run = benchmark, case, loaded, run
+        self.rounds = run.cpu_rounds if case.device == "cpu" else run.rounds
 
     def __call__(self, scope: str, fn: Callable[[], T], flops_scope: str | None = None) -> T:
         """Time ``fn`` (``scope``: ``transformer`` or ``end_to_end``); return its last result.
@@ -764,7 +849,7 @@ class Bench:
         compiles = CompilesInTimedRounds(events, warmup_rounds=run.warmup_rounds)
         state_before = gpu_state.read(case.device)
         with track_peak(case.device) as peak, run.phases.phase("timed_rounds"):
-            result = pedantic(self.benchmark, compiles, case.device, rounds=run.rounds,
+            result = pedantic(self.benchmark, compiles, case.device, rounds=self.rounds,
                               warmup_rounds=run.warmup_rounds)
         state = gpu_state.around(state_before, gpu_state.read(case.device))
         busy = gpu_busy_seconds(fn, case.device) if scope.startswith("transformer") else None
@@ -781,7 +866,7 @@ class Bench:
             **case.as_dict(),
             "hardware": run.hardware(case),
             "device_name": run.device(case.device).name,
-            "rounds": run.rounds,
+            "rounds": self.rounds,
             "warmup_rounds": run.warmup_rounds,
             "first_call_seconds": round(first_call, 4),
             "dynamo_graph_breaks": _graph_breaks() - breaks_before,
@@ -820,8 +905,11 @@ def _clock_agreement(stats: Any, event_seconds: list[float], busy: tuple[float, 
         events = statistics.median(event_seconds)
         out["cuda_event_median_s"] = events
         out["timing_disagreement_vs_cuda_events"] = abs(stats.median - events) / events if events > 0 else None
-    if busy is not None and busy[1] > 0:
-        fraction = min(1.0, busy[0] / busy[1])
+    # Busy time over the unprofiled median: the profiled call's own wall time carries the
+    # profiler's per-launch overhead, which would make every path look launch bound.
+    wall = stats.median if stats is not None and stats.median > 0 else (busy[1] if busy is not None else 0)
+    if busy is not None and wall > 0:
+        fraction = min(1.0, busy[0] / wall)
         out.update(gpu_busy_fraction=round(fraction, 4), launch_bound=fraction < LAUNCH_BOUND_BELOW,
                    gpu_busy_seconds=round(busy[0], 6), profiled_wall_seconds=round(busy[1], 6))
     return out
@@ -962,7 +1050,7 @@ class QualityReference:
         samples = self.run.records.images.setdefault(key, {})
         if self.is_baseline and self.run.update_golden:
             write_golden(self.run.golden_dir, case.model, case.source, self._settings(),
-                         [(p, s, img) for (p, s), img in zip(self.pairs, images)],
+                         [(p, s, img) for (p, s), img in zip(self.pairs, images, strict=False)],
                          {"device": self.run.device(case.device).name, "hardware": self.run.hardware(case),
                           "versions": machine_facts()["libraries"]})
         golden = self._golden()

@@ -39,6 +39,10 @@ def lines(run: Any, phases: Mapping[str, float] | None = None, wall_seconds: flo
     if run.plan is not None:
         out.append(f"plan: {run.plan.name}" + (f" ({run.plan.path})" if run.plan.path else "")
                    + (f": {run.plan.description}" if run.plan.description else ""))
+    if getattr(run, "interrupted", None):
+        stop = run.interrupted
+        out.append(f"INTERRUPTED in {stop['in_test']} after {stop['finished_tests']} tests: the results are partial "
+                   "(the JSON's quantgate.interrupted says so)")
     left = sum(run.left_out.values())
     if left:
         out.append(f"not generated: {left} (test, case) pairs that cannot run here or cannot apply")

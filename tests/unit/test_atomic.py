@@ -1,10 +1,12 @@
 """Atomic writes: a new version appears whole or not at all, also when the writer is killed."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,62 @@ def test_atomic_file_publishes_on_success_and_removes_the_temporary_on_failure(t
         raise RuntimeError("interrupted")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]
+
+
+def _two_versions(tmp_path, interrupt_at: str, monkeypatch) -> Path:
+    """Replace version "old" of a directory by "new", interrupted (KeyboardInterrupt) at one step."""
+    import quantgate.atomic as atomic
+
+    final = tmp_path / "golden"
+    with atomic_directory(final) as tmp:
+        (tmp / "manifest.json").write_text("old")
+    real_rename, real_exchange = os.rename, atomic.exchange
+    calls = {"rename": 0}
+
+    def rename(a, b):
+        calls["rename"] += 1
+        if interrupt_at == f"rename{calls['rename']}":
+            raise KeyboardInterrupt
+        return real_rename(a, b)
+
+    def exchange(a, b):
+        if interrupt_at == "after-exchange":
+            assert real_exchange(a, b)
+            raise KeyboardInterrupt
+        return False if interrupt_at.startswith("rename") else real_exchange(a, b)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    monkeypatch.setattr(atomic, "exchange", exchange)
+    with contextlib.suppress(KeyboardInterrupt), atomic_directory(final) as tmp:
+        (tmp / "manifest.json").write_text("new")
+    monkeypatch.undo()
+    return final
+
+
+@pytest.mark.parametrize("step, expect", [
+    ("after-exchange", "new"),  # the one-step swap happened: the new set is in place
+    ("rename1", "old"),         # without renameat2: interrupted moving the old one aside
+    ("rename2", "old"),         # ... or renaming the new one in: the old one is moved back
+    ("none", "new"),
+])
+def test_replacing_a_directory_interrupted_at_any_step_leaves_one_complete_version(tmp_path, monkeypatch, step,
+                                                                                    expect):
+    final = _two_versions(tmp_path, step, monkeypatch)
+    assert (final / "manifest.json").read_text() == expect
+    assert [p.name for p in tmp_path.iterdir()] == ["golden"]  # nothing stranded beside it
+
+
+def test_directories_are_exchanged_in_one_step_on_linux(tmp_path):
+    import sys
+
+    from quantgate.atomic import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not exchange(a, b):
+        assert not sys.platform.startswith("linux"), "renameat2(RENAME_EXCHANGE) is available on Linux >= 3.15"
+        pytest.skip("this platform has no atomic exchange of two paths (renameat2): the fallback is tested above")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"

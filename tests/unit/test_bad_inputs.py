@@ -266,6 +266,22 @@ def test_a_lora_made_for_the_other_model_family_is_a_mismatch(tmp_path, tiny_sd3
         flux_adapters.load(sd3_lora)
 
 
+def test_a_lora_whose_widths_differ_from_the_model_is_a_mismatch_naming_the_layer(tmp_path, tiny_flux_dir,
+                                                                                   flux_adapters):
+    from safetensors.torch import load_file, save_file
+
+    from quantgate.lora import LoraMismatch, SyntheticLoraRecipe, make_synthetic_lora
+
+    lora = make_synthetic_lora(get_model("flux-schnell"), tiny_flux_dir, tmp_path, SyntheticLoraRecipe(rank=4))
+    tensors = load_file(str(lora.path))
+    key = sorted(k for k in tensors if ".lora_A." in k)[0]
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 8, dtype=tensors[key].dtype)
+    save_file(tensors, str(lora.path))
+    layer = key.split(".", 1)[1].split(".lora_A.")[0]
+    with pytest.raises(LoraMismatch, match=f"{layer} takes \\d+ inputs, its lora_A has \\d+ columns"):
+        flux_adapters.load(lora)
+
+
 # -- nunchaku checkpoints -------------------------------------------------------------------------
 
 
@@ -399,7 +415,7 @@ def test_a_prompt_file_without_usable_prompts_stops_the_run_naming_it(pytester, 
     path.write_bytes(content)
     result = pytester.runpytest(*args, f"--quantgate-{option}={path}")
     output = result.stdout.str() + result.stderr.str()
-    assert result.ret in (pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.TESTS_FAILED), output
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, output
     assert f"{path}{message}" in output or f"{path}: {message}" in output, output
     assert "Traceback" not in output
 
@@ -409,3 +425,27 @@ def test_a_missing_prompt_file_says_which_option_to_pass(tmp_path):
 
     with pytest.raises(ConfigFileError, match="prompt file not found \\(pass --quantgate-prompts FILE\\)"):
         PromptSet.load(tmp_path / "absent.txt")
+
+
+# -- mistakes found before the first test, not after the last -------------------------------------
+
+def test_a_golden_update_without_its_bf16_cases_is_a_usage_error(pytester, args):
+    pytester.makepyfile(CASE_TESTS)
+    result = pytester.runpytest(*args, "-m", "cpu or not (cpu or gpu)", "--quantgate-models=flux-schnell",
+                                "--quantgate-schemes=int8-wo", "--quantgate-update-golden")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--quantgate-update-golden writes the golden images from the bf16 eager cases*"])
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("a-directory", "is a directory; give a file name, e.g. "),
+    ("missing/out.json", "does not exist; create it first (mkdir -p "),
+])
+def test_a_benchmark_json_that_cannot_be_written_stops_the_run_before_the_first_test(pytester, args, target, message):
+    pytester.makepyfile(CASE_TESTS)
+    (pytester.path / "a-directory").mkdir()
+    result = pytester.runpytest(*args, "-m", "cpu or not (cpu or gpu)", "--quantgate-models=flux-schnell",
+                                "--quantgate-schemes=bf16", f"--benchmark-json={pytester.path / target}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--benchmark-json: *{message}*"])
+    result.stdout.no_fnmatch_line("*passed*")

@@ -50,3 +50,20 @@ def test_summary_refuses_a_json_quantgate_did_not_write(tmp_path, capsys):
     other.write_text(json.dumps({"benchmarks": []}))
     assert main(["summary", str(other)]) == 2
     assert "not a benchmark JSON written by a quantgate run" in capsys.readouterr().err
+
+
+def test_hints_name_flags_the_command_has(tmp_path, capsys):
+    """A message that tells the user what to pass names a flag of the command that printed it."""
+    from tests.conftest import REPO
+
+    assert main(["regate", str(REPO / "tests" / "fixtures" / "history" / "cpu-4-steps.json"), "--gates",
+                 str(tmp_path / "absent.toml")]) == 2
+    assert "gates file not found (pass --gates FILE)" in capsys.readouterr().err
+
+    # two runs from different machines: report and summary take the flag their refusal names
+    a, b = REPO / "tests" / "fixtures" / "history" / "cpu-4-steps.json", \
+        REPO / "tests" / "fixtures" / "history" / "h200-eager-run-a.json"
+    assert main(["summary", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-mixed-machines" in err, err
+    assert main(["summary", str(a), str(b), "--allow-mixed-machines"]) == 0

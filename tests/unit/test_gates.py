@@ -117,6 +117,16 @@ def test_bytes_are_reported_in_gib(tmp_path):
     ("[[gate]]\nmetric = \"transformer_footprint_reduction\"\nmin = 1\nwhy = \"a\"\n[[gate]]\n"
      "metric = \"transformer_footprint_reduction\"\nmin = 2\nwhy = \"b\"\n", 5, "duplicates the gate at line 1"),
     ("[[gate]\n", 1, "not valid TOML"),
+    # bounds that cannot fail (or cannot pass) are refused, not accepted as a gate
+    ("[[gate]]\nmetric = \"transformer_footprint_reduction\"\nmin = -1.7\nwhy = \"x\"\n", 1,
+     "min -1.7 can never fail: transformer_footprint_reduction is never below 0"),
+    ("[[gate]]\nmetric = \"transformer_footprint_reduction\"\nmin = -inf\nwhy = \"x\"\n", 1,
+     "min must be a finite number"),
+    ("[[gate]]\nmetric = \"transformer_footprint_reduction\"\nmin = nan\nwhy = \"x\"\n", 1,
+     "NaN fails every value"),
+    ("[[gate]]\nmetric = \"leaked_gpu_bytes\"\nmax = -1\nwhy = \"x\"\n", 1, "max -1 can never pass"),
+    ("[[gate]]\nmetric = \"lora_effect_cosine_vs_bf16\"\nmin = -1\nwhy = \"x\"\n", 1,
+     "never below -1"),
 ])
 def test_a_malformed_gates_file_names_file_line_and_key(tmp_path, text, line, message):
     path = tmp_path / "gates.toml"

@@ -26,7 +26,8 @@ def test_registry_lists_the_three_models():
 
 
 def test_unknown_model_lists_the_valid_names():
-    with pytest.raises(UnknownNameError, match="unknown model 'flux-pro'; valid models: flux-dev, flux-schnell, sd35-medium"):
+    message = "unknown model 'flux-pro'; valid models: flux-dev, flux-schnell, sd35-medium"
+    with pytest.raises(UnknownNameError, match=message):
         get_model("flux-pro")
 
 

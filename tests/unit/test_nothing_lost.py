@@ -31,8 +31,12 @@ from tests.conftest import REPO
 HISTORY = REPO / "tests" / "fixtures" / "history"
 
 CHILD = """
-import os, shutil, sys, time
+import os, shutil, signal, sys, time
 from pathlib import Path
+
+# Ctrl-C as a user's terminal delivers it, whatever the parent ignores: a shell's background
+# job (cmd &) starts with SIGINT ignored, and the child would inherit that and never stop.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 event = Path(sys.argv[1])
 
@@ -329,7 +333,7 @@ def test_pytest_benchmark_52s_open_json_file_is_written_whole_through_its_name(t
 
     target = tmp_path / "out.json"
     logger = types.SimpleNamespace(info=lambda *a, **k: logging.getLogger("t").info(a[0]))
-    session = types.SimpleNamespace(json=open(target, "wb"), logger=logger, storage=None,
+    session = types.SimpleNamespace(json=open(target, "wb"), logger=logger,  # noqa: SIM115 - pytest-benchmark owns it storage=None,
                                     save_json=lambda output_json: None)
     assert make_atomic(session)
     session.save_json({"benchmarks": [], "version": "5.2.3"})

@@ -45,9 +45,9 @@ def test_a_phase_still_running_is_counted_up_to_now() -> None:
 
 
 def test_an_unknown_phase_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown phase 'warmup'; phases: loading, quantizing"):
-        with Phases().phase("warmup"):
-            pass
+    with pytest.raises(ValueError, match="unknown phase 'warmup'; phases: loading, quantizing"), \
+            Phases().phase("warmup"):
+        pass
 
 
 def test_without_a_session_phases_are_a_no_op() -> None:

@@ -22,7 +22,7 @@ def test_every_shipped_plan_loads(name):
 def test_merge_is_shipped_and_names_what_it_leaves_to_nightly():
     assert {"merge", "nightly", "budget-16g"} <= set(plan_names(plan_dirs(REPO)))
     merge = load_plan(PLANS / "merge.toml", selector_vocabulary())
-    assert merge.options["calibration-samples"] == "4" and merge.leaves
+    assert merge.options["gpu-calibration-samples"] == "4" and merge.leaves  # the CPU tier keeps its 16
     assert set(merge.models()) == {"flux-schnell", "sd35-medium", "flux-dev"}  # flux-dev: the CPU tier only
     gpu_models = {m for e in merge.entries if "gpu" in e.tiers for m in e.models}
     assert gpu_models == {"flux-schnell", "sd35-medium"}  # FLUX.1-dev's weights would not fit the runner's disk
@@ -66,6 +66,7 @@ description = "a small plan"
 [options]
 rounds = 2
 warmup = 0
+gpu-calibration-samples = 4
 
 [[select]]
 models = ["flux-schnell"]
@@ -88,6 +89,11 @@ def test_b(case):
 def test_rounds(quantgate_run):
     with open("rounds.txt", "w") as f:
         f.write(str(quantgate_run.rounds))
+
+def test_calibration(quantgate_run):
+    settings = quantgate_run.pipelines.calibration
+    with open("calibration.txt", "w") as f:
+        f.write(f"{settings.samples} {settings.cpu_samples}")
 """
 
 
@@ -103,7 +109,7 @@ def test_a_plan_generates_exactly_its_pairs_and_its_options_are_defaults(pyteste
 
     result = pytester.runpytest(*_args(tiny_cache), "--quantgate-plan=small", "--collect-only", "-q")
     ids = [line.split("::", 1)[1] for line in result.outlines if "::" in line]
-    assert ids == ["test_rounds", "test_a[flux-schnell-tiny-bf16-eager-b1-cpu]",
+    assert ids == ["test_rounds", "test_calibration", "test_a[flux-schnell-tiny-bf16-eager-b1-cpu]",
                    "test_b[flux-schnell-tiny-bf16-eager-b1-cpu]", "test_a[flux-schnell-tiny-int8-wo-eager-b1-cpu]"]
 
     result = pytester.runpytest(*_args(tiny_cache), "--quantgate-plan=small", "-k", "rounds")
@@ -111,10 +117,17 @@ def test_a_plan_generates_exactly_its_pairs_and_its_options_are_defaults(pyteste
     result = pytester.runpytest(*_args(tiny_cache), "--quantgate-plan=small", "--quantgate-rounds=5", "-k", "rounds")
     assert (pytester.path / "rounds.txt").read_text() == "5"  # the command line wins
 
+    # a plan's GPU calibration leaves the CPU tier's default; --quantgate-calibration-samples sets both
+    pytester.runpytest(*_args(tiny_cache), "--quantgate-plan=small", "-k", "calibration")
+    assert (pytester.path / "calibration.txt").read_text() == "4 16"
+    pytester.runpytest(*_args(tiny_cache), "--quantgate-plan=small", "-k", "calibration",
+                       "--quantgate-calibration-samples=8")
+    assert (pytester.path / "calibration.txt").read_text() == "8 8"
+
     result = pytester.runpytest(*_args(tiny_cache), "--quantgate-plan=small", "--quantgate-schemes=int8-wo",
                                 "--collect-only", "-q")
     ids = [line.split("::", 1)[1] for line in result.outlines if "::" in line]
-    assert ids == ["test_rounds", "test_a[flux-schnell-tiny-int8-wo-eager-b1-cpu]",
+    assert ids == ["test_rounds", "test_calibration", "test_a[flux-schnell-tiny-int8-wo-eager-b1-cpu]",
                    "test_b[flux-schnell-tiny-int8-wo-eager-b1-cpu]"]
 
 
@@ -123,7 +136,7 @@ def test_without_a_plan_the_selection_options_select_exactly_their_matrix(pytest
     result = pytester.runpytest(*_args(tiny_cache), "--quantgate-schemes=int8-wo", "--quantgate-models=flux-schnell",
                                 "--collect-only", "-q")
     ids = [line.split("::", 1)[1] for line in result.outlines if "::" in line]
-    assert ids == ["test_rounds", "test_a[flux-schnell-tiny-int8-wo-eager-b1-cpu]",
+    assert ids == ["test_rounds", "test_calibration", "test_a[flux-schnell-tiny-int8-wo-eager-b1-cpu]",
                    "test_b[flux-schnell-tiny-int8-wo-eager-b1-cpu]"]
     result.stdout.fnmatch_lines(["plan: matrix*"])
 
@@ -156,3 +169,29 @@ def test_the_plan_command_lists_the_groups_and_their_recorded_time(capsys, monke
 
 def test_plan_dirs_is_the_repository_s_fixtures(tmp_path):
     assert plan_dirs(Path("/x")) == [Path("/x/fixtures/plans")]
+
+
+COMPARISONS = """
+import pytest
+
+@pytest.mark.compares_cases(timing="transformer")
+@pytest.mark.parametrize("baseline", ["bf16", "int8-dq"])
+def test_cmp(case, baseline):
+    pass
+
+@pytest.mark.times("transformer")
+def test_timed(case):
+    pass
+"""
+
+
+def test_comparisons_run_after_every_group_and_need_their_baseline_timed(pytester, tiny_cache):
+    pytester.makepyfile(COMPARISONS)
+    result = pytester.runpytest(*_args(tiny_cache), "--quantgate-models=flux-schnell",
+                                "--quantgate-schemes=int8-wo,bf16", "--collect-only", "-q")
+    ids = [line.split("::", 1)[1] for line in result.outlines if "::" in line]
+    # collected before test_timed, run after both groups; int8-dq times nothing here: not generated
+    assert ids == ["test_timed[flux-schnell-tiny-int8-wo-eager-b1-cpu]", "test_timed[flux-schnell-tiny-bf16-eager-b1-cpu]",
+                   "test_cmp[flux-schnell-tiny-int8-wo-eager-b1-cpu-bf16]",
+                   "test_cmp[flux-schnell-tiny-bf16-eager-b1-cpu-bf16]"], ids
+    result.stdout.fnmatch_lines(["*2  test_cmp: int8-dq eager at batch 1 has no transformer timing in this selection*"])

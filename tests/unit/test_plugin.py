@@ -219,3 +219,36 @@ def test_github_sha_only_fills_in_where_git_knows_nothing(monkeypatch):
     unknown = {"id": "unknown"}
     _BenchmarkHooks().pytest_benchmark_update_commit_info(None, unknown)
     assert unknown["id"] == "feed" and unknown["commit_source"] == "GITHUB_SHA"
+
+
+INTERRUPTED_TESTS = E2E_TEST + """
+
+def test_stopped_by_ctrl_c(case):
+    raise KeyboardInterrupt
+"""
+
+
+def test_an_interrupted_run_writes_what_finished_marked_partial(pytester, args):
+    pytester.makepyfile(INTERRUPTED_TESTS)
+    out = pytester.path / "out.json"
+    result = pytester.runpytest_subprocess(*args, "-m", "cpu", "--quantgate-models=flux-schnell",
+                                           "--quantgate-schemes=bf16", "--quantgate-rounds=1", f"--benchmark-json={out}")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["INTERRUPTED in *test_stopped_by_ctrl_c* after 1 tests: the results are partial*"])
+    data = json.loads(out.read_text())
+    assert [b["name"] for b in data["benchmarks"]] == ["test_e2e[flux-schnell-tiny-bf16-eager-b1-cpu]"]
+    stop = data["quantgate"]["interrupted"]
+    assert stop["in_test"].endswith("test_stopped_by_ctrl_c[flux-schnell-tiny-bf16-eager-b1-cpu]")
+    assert stop["finished_tests"] == 1
+
+    assert f"INTERRUPTED: {out} was stopped (Ctrl-C) in" in _summary_text(out)
+
+
+def _summary_text(out):
+    """The summary of ``out`` as Markdown (the report's text twin)."""
+    from quantgate.report import load_runs
+    from quantgate.report.build import build_report
+    from quantgate.report.claims import load_claims
+    from quantgate.report.document import to_markdown
+
+    return to_markdown(build_report(load_runs([out]), load_claims(REPO / "fixtures" / "claims.toml"), "t"))

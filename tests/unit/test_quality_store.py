@@ -46,7 +46,7 @@ def test_ssim_is_one_for_identical_and_drops_for_a_shifted_image():
 
 def test_a_golden_set_round_trips_within_8_bit_rounding(tmp_path):
     written = write_golden(tmp_path, "flux-schnell", "tiny", SETTINGS,
-                           [(p, s, img) for (p, s), img in zip(PAIRS, IMAGES)], {"device": "test"})
+                           [(p, s, img) for (p, s), img in zip(PAIRS, IMAGES, strict=True)], {"device": "test"})
     loaded = load_golden(tmp_path, "flux-schnell", "tiny", SETTINGS, PAIRS)
     assert [i.file for i in loaded.images] == ["00-seed0.png", "01-seed1.png"] == [i.file for i in written.images]
     assert np.abs(loaded.array(1) - IMAGES[1]).max() <= 0.5 / 255 + 1e-6
@@ -60,7 +60,8 @@ def test_a_missing_golden_set_says_how_to_create_it(tmp_path):
 
 @pytest.fixture
 def golden(tmp_path):
-    write_golden(tmp_path, "flux-schnell", "tiny", SETTINGS, [(p, s, img) for (p, s), img in zip(PAIRS, IMAGES)], {})
+    images = [(p, s, img) for (p, s), img in zip(PAIRS, IMAGES, strict=True)]
+    write_golden(tmp_path, "flux-schnell", "tiny", SETTINGS, images, {})
     return tmp_path / "flux-schnell" / "tiny"
 
 
@@ -112,3 +113,26 @@ def test_a_sample_grid_has_a_column_per_set_and_a_row_per_prompt(tmp_path):
                        tmp_path / "grid.png", cell=32)
     with Image.open(path) as im:
         assert im.size == (2 * 36 + 4, 18 + 2 * (32 + 4 + 18) + 4)
+
+
+def test_two_golden_writers_at_once_each_leave_a_whole_set(tmp_path):
+    import threading
+
+    errors = []
+
+    def write(offset):
+        try:
+            for _ in range(5):
+                shifted = [np.clip(img + offset, 0, 1) for img in IMAGES]
+                write_golden(tmp_path, "flux-schnell", "tiny", SETTINGS,
+                             [(p, s, img) for (p, s), img in zip(PAIRS, shifted, strict=True)], {})
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(d,)) for d in (0.0, 0.1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(load_golden(tmp_path, "flux-schnell", "tiny", SETTINGS, PAIRS).images) == len(PAIRS)

@@ -81,6 +81,11 @@ class Adapters:
             raise LoraMismatch(f"LoRA {lora.path} ({lora.format} layout) does not fit {self.model}'s {self.denoiser}: "
                                f"{len(foreign)} of its target modules do not exist here (e.g. "
                                f"{', '.join(foreign[:3])}); it was made for another model")
+        width = self._width_not_here(lora)
+        if width:
+            # peft wraps the layer anyway and the first forward fails inside torch or torchao
+            raise LoraMismatch(f"LoRA {lora.path} ({lora.format} layout) does not fit {self.model}'s {self.denoiser}: "
+                               f"{width}; it was made for another model or size")
         before = set(self.adapter_names())
         try:
             self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
@@ -115,6 +120,30 @@ class Adapters:
                        if k.startswith(prefix) and ".lora_A." in k}
         present = {name for name, _ in self.module.named_modules()}
         return sorted(targets - present)
+
+    def _width_not_here(self, lora: LoraFile) -> str | None:
+        """The first layer whose LoRA matrices do not fit its widths (diffusers-layout LoRAs), or None."""
+        if lora.format != "peft":
+            return None
+        from safetensors import safe_open
+
+        prefix = f"{self.denoiser}."
+        with safe_open(str(lora.path), framework="pt") as fh:
+            for key in sorted(k for k in fh.keys() if k.startswith(prefix) and ".lora_A." in k):
+                name = key[len(prefix):].split(".lora_A.")[0]
+                try:
+                    layer = self.module.get_submodule(name)
+                except AttributeError:
+                    continue  # reported by _modules_not_here
+                widths = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+                a = tuple(fh.get_slice(key).get_shape())
+                b_key = key.replace(".lora_A.", ".lora_B.")
+                b = tuple(fh.get_slice(b_key).get_shape()) if b_key in fh.keys() else None
+                if widths[0] is not None and len(a) == 2 and a[1] != widths[0]:
+                    return f"{name} takes {widths[0]} inputs, its lora_A has {a[1]} columns"
+                if widths[1] is not None and b is not None and len(b) == 2 and b[0] != widths[1]:
+                    return f"{name} gives {widths[1]} outputs, its lora_B has {b[0]} rows"
+        return None
 
     def adapter_names(self) -> list[str]:
         """Adapters present in the denoiser (loaded, whether active or not)."""

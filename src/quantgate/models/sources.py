@@ -135,7 +135,9 @@ def _component_problem(directory: Path, comp: ComponentSpec) -> str | None:
     has_files = (directory / "tokenizer.json").is_file() or (directory / "spiece.model").is_file() or (
         (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
     )
-    return None if has_files else f"{directory} has no tokenizer files (tokenizer.json, spiece.model or vocab.json+merges.txt)"
+    if has_files:
+        return None
+    return f"{directory} has no tokenizer files (tokenizer.json, spiece.model or vocab.json+merges.txt)"
 
 
 def pipeline_dir_problems(directory: Path, spec: ModelSpec) -> list[str]:

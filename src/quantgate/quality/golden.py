@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from quantgate.atomic import atomic_directory
+from quantgate.atomic import atomic_directory, file_lock
 from quantgate.errors import QuantgateError
 
 MANIFEST = "manifest.json"
@@ -104,7 +104,7 @@ def load_golden(root: str | Path, model: str, source: str, settings: Mapping[str
                             f"{_how_to_create(model, source)}") from None
     if len(images) < len(prompts):
         raise GoldenInvalid(f"{manifest_path} holds {len(images)} images, this run compares {len(prompts)}")
-    for image, (prompt, seed) in zip(images, prompts):
+    for image, (prompt, seed) in zip(images, prompts, strict=False):  # a golden set may hold more images than a run compares
         if (image.prompt, image.seed) != (prompt, seed):
             raise GoldenInvalid(f"{manifest_path}: {image.file} was made for prompt {image.prompt!r} seed {image.seed}, "
                                 f"this run asks {prompt!r} seed {seed}: {_how_to_create(model, source)}")
@@ -121,9 +121,18 @@ def load_golden(root: str | Path, model: str, source: str, settings: Mapping[str
 def write_golden(root: str | Path, model: str, source: str, settings: Mapping[str, Any],
                  entries: Sequence[tuple[str, int, np.ndarray]], provenance: Mapping[str, Any]) -> GoldenSet:
     """Replace the golden set of ``model``/``source`` atomically with ``entries`` (prompt, seed, image)."""
+    directory = golden_dir(root, model, source)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # One writer at a time: a second one waits, then replaces the first's set whole.
+    with file_lock(directory.parent / f".{directory.name}.lock"):
+        return _write_golden_locked(root, model, source, settings, entries, provenance, directory)
+
+
+def _write_golden_locked(root: str | Path, model: str, source: str, settings: Mapping[str, Any],
+                         entries: Sequence[tuple[str, int, np.ndarray]], provenance: Mapping[str, Any],
+                         directory: Path) -> GoldenSet:
     from PIL import Image
 
-    directory = golden_dir(root, model, source)
     records = []
     with atomic_directory(directory) as tmp:
         for index, (prompt, seed, image) in enumerate(entries):

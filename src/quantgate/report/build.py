@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from quantgate.gates import METRICS, format_value
 from quantgate.report import plots
@@ -45,7 +46,11 @@ def _run_section(runs: RunSet) -> Section:
     if peaks:
         items.append("measured dense bf16 matmul rate (8192x8192x8192, median of 20): "
                      + ", ".join(f"{p:.0f}" for p in peaks) + " TFLOP/s")
-    return Section("Run", [Bullets(items)])
+    blocks: list[Any] = []
+    for stop in runs.interrupted:
+        blocks.append(Paragraph(f"INTERRUPTED: {stop.get('file')} was stopped (Ctrl-C) in {stop.get('in_test')} after "
+                                f"{stop.get('finished_tests')} tests; what follows is partial."))
+    return Section("Run", [*blocks, Bullets(items)])
 
 
 def _checklist(runs: RunSet, claims: Claims) -> Section:

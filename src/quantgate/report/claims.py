@@ -117,8 +117,8 @@ def evaluate(criterion: Criterion, runs: RunSet) -> Evaluation:
         if criterion.each:
             missing = [v for v in criterion.selectors[criterion.each] if v not in {o.get(criterion.each) for o in passed}]
             if missing:
-                return Evaluation(criterion, "partial", [f"no passing run at {criterion.each} {', '.join(map(str, missing))}",
-                                                         *evidence])
+                gap = f"no passing run at {criterion.each} {', '.join(map(str, missing))}"
+                return Evaluation(criterion, "partial", [gap, *evidence])
         return Evaluation(criterion, "pass", evidence)
     reasons = sorted({o.get("reason") or "" for o in outcomes if o["outcome"] == "skipped"})
     if reasons:

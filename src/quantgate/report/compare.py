@@ -232,8 +232,9 @@ def render(comparison: Comparison, history: list[tuple[str, RunSet]] | None = No
                                        if figure_rows else Paragraph("No memory or quality figure changed.")]),
     ]
     if comparison.only_in_base or comparison.only_in_new:
-        sections.append(Section("Not compared", [Bullets([f"only in {comparison.base_label}: {k}" for k in comparison.only_in_base]
-                                                         + [f"only in {comparison.new_label}: {k}" for k in comparison.only_in_new])]))
+        only = ([f"only in {comparison.base_label}: {k}" for k in comparison.only_in_base]
+                + [f"only in {comparison.new_label}: {k}" for k in comparison.only_in_new])
+        sections.append(Section("Not compared", [Bullets(only)]))
     if history and len(history) >= 2:
         figures = [Figure(plots.trend(points, f"{key[0]} ({key[1]})"), f"{key[0]} ({key[1]}): median and IQR per run")
                    for key, points in sorted(trends(history).items()) if len(points) >= 2]

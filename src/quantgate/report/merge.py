@@ -27,7 +27,7 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
         raise ValueError("nothing to merge")
     parts = [load_benchmark_json(p) for p in paths]
     first = parts[0]
-    for path, part in zip(paths[1:], parts[1:]):
+    for path, part in zip(paths[1:], parts[1:], strict=True):
         for key in _SAME_MACHINE:
             if part["machine_info"].get(key) != first["machine_info"].get(key) and not allow_mixed_machines:
                 raise ConfigFileError(path, f"machine_info[{key!r}] differs from {paths[0]}: "
@@ -44,7 +44,7 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
         "outcomes": {},
         "not_generated": {},
     }
-    for index, (path, part) in enumerate(zip(paths, parts)):
+    for index, (path, part) in enumerate(zip(paths, parts, strict=True)):
         for bench in part["benchmarks"]:
             bench = copy.deepcopy(bench)
             bench.setdefault("extra_info", {})["quantgate_part"] = index
@@ -53,6 +53,7 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
         merged["quantgate"]["parts"].append({
             "file": Path(path).name, "datetime": part.get("datetime"), "commit": part.get("commit_info", {}).get("id"),
             "selection": q.get("selection"), "gates_file": q.get("gates_file"), "gates_sha256": q.get("gates_sha256"),
+            **({"interrupted": q["interrupted"]} if q.get("interrupted") else {}),
         })
         merged["quantgate"]["verdicts"] += [{**v, "part": index} for v in q.get("verdicts", [])]
         merged["quantgate"]["releases"] += [{**r, "part": index} for r in q.get("releases", [])]

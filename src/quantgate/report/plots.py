@@ -42,7 +42,7 @@ def memory_bars(results: Sequence[Result], target_reduction: float) -> str | Non
     if not by_model:
         return None
     fig, axes = plt.subplots(1, len(by_model), figsize=(5.5 * len(by_model), 3.6), squeeze=False)
-    for ax, (model, schemes) in zip(axes[0], sorted(by_model.items())):
+    for ax, (model, schemes) in zip(axes[0], sorted(by_model.items()), strict=True):
         names = list(schemes)
         xs = range(len(names))
         foot = [(schemes[n][0] or 0) / GIB for n in names]
@@ -74,7 +74,7 @@ def latency_bars(results: Sequence[Result], scope: str) -> str | None:
             by_model[r.model].setdefault(r.label, r)
     fig, axes = plt.subplots(1, len(by_model), figsize=(5.5 * len(by_model), 0.35 * max(map(len, by_model.values())) + 1.2),
                              squeeze=False)
-    for ax, (model, entries) in zip(axes[0], sorted(by_model.items())):
+    for ax, (model, entries) in zip(axes[0], sorted(by_model.items()), strict=True):
         ordered = sorted(entries.values(), key=lambda r: r.median)
         ys = range(len(ordered))
         ax.barh(list(ys), [r.median for r in ordered], xerr=[[r.median - r.q1 for r in ordered],
@@ -99,8 +99,8 @@ def batch_scaling(results: Sequence[Result], scope: str = "transformer") -> str 
     if not series:
         return None
     fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 3.4), squeeze=False)
-    for ax, (model, lines) in zip(axes[0], sorted(series.items())):
-        for color, (label, points) in zip(COLORS, sorted(lines.items())):
+    for ax, (model, lines) in zip(axes[0], sorted(series.items()), strict=True):
+        for color, (label, points) in zip(COLORS, sorted(lines.items()), strict=False):
             xs = [p.batch for p in points]
             ys = [p.median / p.batch * 1e3 for p in points]
             err = [[(p.median - p.q1) / p.batch * 1e3 for p in points], [(p.q3 - p.median) / p.batch * 1e3 for p in points]]

@@ -24,7 +24,7 @@ SELECTOR_KEYS = ("model", "source", "scheme", "variant", "batch", "hardware")
 
 def load_gates(path: str | Path) -> GateBook:
     """``path`` read and validated as the plugin does."""
-    return GateBook.load(path, selector_vocabulary())
+    return GateBook.load(path, selector_vocabulary(), option="--gates")
 
 
 @dataclass(frozen=True)

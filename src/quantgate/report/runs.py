@@ -109,7 +109,8 @@ def result_from_benchmark(bench: dict[str, Any], part: int = 0) -> Result | None
         scope=e["scope"], model=e["model"], source=e.get("source", ""), scheme=e.get("scheme", ""),
         variant=e.get("variant", ""), batch=int(e.get("batch", 1)), device=e.get("device", ""),
         hardware=e.get("hardware", ""), steps=e.get("num_inference_steps"), median=s["median"], min=s["min"],
-        max=s["max"], iqr=s["iqr"], q1=s.get("q1", s["median"]), q3=s.get("q3", s["median"]), stddev=s["stddev"], rounds=s["rounds"], first_call_s=e.get("first_call_seconds"),
+        max=s["max"], iqr=s["iqr"], q1=s.get("q1", s["median"]), q3=s.get("q3", s["median"]), stddev=s["stddev"],
+        rounds=s["rounds"], first_call_s=e.get("first_call_seconds"),
         flops=e.get("denoiser_flops_per_call"), tflops=e.get("achieved_tflops"),
         peak_fraction=e.get("fraction_of_bf16_peak"), footprint=e.get("denoiser_footprint_bytes"),
         pipeline_footprint=e.get("pipeline_footprint_bytes"), peak_allocated=e.get("peak_allocated_bytes"),
@@ -131,6 +132,7 @@ class RunSet:
     base_dir: Path = Path(".")
     timeouts: list[dict[str, Any]] = field(default_factory=list)  # tests over their time budget
     not_generated: dict[str, int] = field(default_factory=dict)  # (test, case) pairs left out, by reason
+    interrupted: list[dict[str, Any]] = field(default_factory=list)  # parts stopped by Ctrl-C (their tests, files)
 
     def artifact_file(self, artifact: dict[str, Any]) -> Path | None:
         """The artifact's file: where the run wrote it, else beside the JSON (copied with it)."""
@@ -177,11 +179,13 @@ def _node_case(node: str) -> str | None:
     return found.group(1) if found else None
 
 
-def load_runs(paths: list[str | Path]) -> RunSet:
-    """Read one benchmark JSON, or merge several, into a RunSet."""
+def load_runs(paths: list[str | Path], allow_mixed_machines: bool = False) -> RunSet:
+    """Read one benchmark JSON, or merge several (``allow_mixed_machines``: as ``quantgate merge``'s
+    flag of that name), into a RunSet."""
     from quantgate.report.merge import merge_benchmark_json
 
-    data = load_benchmark_json(paths[0]) if len(paths) == 1 else merge_benchmark_json(list(paths))
+    data = load_benchmark_json(paths[0]) if len(paths) == 1 else \
+        merge_benchmark_json(list(paths), allow_mixed_machines=allow_mixed_machines)
     results = [r for r in (result_from_benchmark(b) for b in data["benchmarks"]) if r is not None]
     ids = _case_ids(results)
     q = data["quantgate"]
@@ -202,4 +206,11 @@ def load_runs(paths: list[str | Path]) -> RunSet:
     parts = q.get("parts") or [{"file": Path(paths[0]).name, "datetime": data.get("datetime"),
                                 "commit": data.get("commit_info", {}).get("id"), "selection": q.get("selection")}]
     return RunSet(data, results, verdicts, outcomes, q.get("releases", []), parts, q.get("artifacts", []),
-                  Path(paths[0]).parent, q.get("timeouts", []), dict(q.get("not_generated") or {}))
+                  Path(paths[0]).parent, q.get("timeouts", []), dict(q.get("not_generated") or {}),
+                  _interruptions(q, paths))
+
+
+def _interruptions(q: dict[str, Any], paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Where each part of the run was stopped by Ctrl-C (``quantgate.interrupted``), with its file."""
+    found = [{**q["interrupted"], "file": str(paths[0])}] if q.get("interrupted") else []
+    return found + [{**p["interrupted"], "file": p.get("file")} for p in q.get("parts") or [] if p.get("interrupted")]
