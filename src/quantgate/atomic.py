@@ -32,6 +32,23 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _disk_full(path: Path, exc: OSError) -> OSError:
+    """``exc`` as a DiskFull naming ``path``, the space left there and how to free some, if it is
+    ENOSPC (the data already in place is untouched: the write went to a temporary name)."""
+    import errno
+
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    from quantgate.errors import DiskFull
+
+    where = path.parent if path.parent.exists() else Path(".")
+    free = shutil.disk_usage(where).free
+    return DiskFull(exc.errno, f"{path}: the disk is full ({free / 2**30:.2f} GiB free on the filesystem of "
+                    f"{where}); nothing already there was changed. Free space with `quantgate cache list` and "
+                    f"`quantgate cache clear --max-size SIZE`, or point QUANTGATE_CACHE_DIR / "
+                    f"--quantgate-cache-dir at a larger disk")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -56,9 +73,11 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and (full := _disk_full(path, exc)) is not exc:
+            raise full from exc
         raise
     _fsync_dir(path.parent)
 
@@ -136,7 +155,7 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache is often shared by a runner's users
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a cache is often shared by a runner's users
     try:
         yield tmp
         _fsync_dir(tmp)
@@ -159,8 +178,10 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
             remove_tree(final)
         os.rename(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and (full := _disk_full(final, exc)) is not exc:
+            raise full from exc
         raise
 
 
@@ -169,11 +190,23 @@ def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (created if needed) for the block.
 
     Keeps two processes (for example two pytest-xdist workers) from materializing the same
-    cache entry at once.
+    cache entry at once. Where the lock file cannot be created (a read-only filesystem, a
+    shared cache another user owns) the block runs unlocked: this process can only read that
+    cache, and readers of complete entries need no lock; a write there fails on its own, naming
+    the file.
     """
+    import errno
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - closed below, after the unlock
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            yield
+            return
+        raise
+    with fh:
         if fcntl is not None:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:

@@ -7,7 +7,7 @@ Every cache lives under one root (``default_cache_dir()``: ``$QUANTGATE_CACHE_DI
     synthetic/pipelines/<model>-<size>-<digest>/  a diffusers directory of symlinks to components
     synthetic/.lock                           held while synthetic weights are built
     calibration/<key>.safetensors + .json     calibration statistics (one entry = the pair)
-    quantized/<key>/                          a quantized checkpoint (GPTQ W4A8 layers)
+    quantized/<key>/                          a quantized checkpoint (GPTQ/RTN W4A8 or svdquant-ref layers)
     lora/<model>-<digest>/ (+ .lock)          a synthetic LoRA
     inductor/                                 torch.compile's cache (TORCHINDUCTOR_CACHE_DIR), one entry
     **/.trash-*                               an entry being deleted (renamed away first); always removable
@@ -143,7 +143,7 @@ def _trash(root: Path) -> list[Entry]:
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("synthetic", "synthetic model weights (components and pipeline directories)", _synthetic),
     Kind("calibration", "calibration statistics (activation scales, Hessians)", _calibration),
-    Kind("quantized", "quantized checkpoints (GPTQ W4A8)", _dirs("quantized", "quantized")),
+    Kind("quantized", "quantized checkpoints (GPTQ/RTN W4A8, svdquant-ref)", _dirs("quantized", "quantized")),
     Kind("lora", "synthetic LoRAs", _dirs("lora", "lora", lambda p: p.with_name(p.name + ".lock"))),
     Kind("inductor", "torch.compile (inductor) cache", _inductor),
     Kind("trash", "entries whose deletion was interrupted", _trash),

@@ -26,7 +26,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    raw = config.getoption("quantgate_cache_max_size") or config.getini("quantgate_cache_max_size") or None
+    from quantgate import options
+
+    raw = options.value(config, "cache-max-size")  # the command line, the ini file, then the plan
     try:
         config.stash[_MAX_SIZE] = parse_size(raw) if raw else None
     except ValueError as exc:

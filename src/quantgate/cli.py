@@ -113,7 +113,15 @@ def _report(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from quantgate.atomic import atomic_write_text
-    from quantgate.report.compare import as_text, compare_runs, exit_code, history_files, load_history, render
+    from quantgate.report.compare import (
+        as_text,
+        compare_runs,
+        exit_code,
+        history_files,
+        load_history,
+        nothing_to_compare,
+        render,
+    )
     from quantgate.report.document import to_html, to_markdown
 
     if args.storage:
@@ -134,6 +142,9 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"note: {label} is partial: interrupted (Ctrl-C) in {stop.get('in_test')} after "
                   f"{stop.get('finished_tests')} tests")
     print(as_text(comparison), end="")
+    if (empty := nothing_to_compare(base, new, comparison)) is not None:
+        print(f"quantgate compare: {empty}", file=sys.stderr)
+        return 2  # neither a pass nor a regression
     if args.output:
         doc = render(comparison, history, title=f"quantgate compare: {base_label} -> {new_label}")
         out = Path(args.output)

@@ -45,7 +45,7 @@ def collect(plan: str, tier: str, extra: list[str]) -> _Collector:
     collector = _Collector()
     os.environ[PREVIEW_ENV] = "1"
     try:
-        with contextlib.redirect_stdout(io.StringIO()) as out:
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
             code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", f"--quantgate-plan={plan}",
                                 "-m", tier, *extra], plugins=[collector])
     finally:

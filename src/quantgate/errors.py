@@ -40,3 +40,7 @@ class SourceInvalid(QuantgateError, ValueError):
 
 class PipelineBuildError(QuantgateError, RuntimeError):
     """Loading or quantizing a pipeline failed; raised with the original error's message."""
+
+
+class DiskFull(QuantgateError, OSError):
+    """A write ran out of disk space; the message names the file, what is free and how to free more."""

@@ -58,7 +58,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from quantgate import options
+
     values = list(config.getoption("quantgate_lora") or []) or list(config.getini("quantgate_lora"))
+    if not values and (planned := options.value(config, "lora")):  # a plan's lora = "SOURCE ..." (space-separated)
+        values = planned.split()
     try:
         entries = parse_lora_option(values, model_names())
         for entry in entries:

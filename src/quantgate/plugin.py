@@ -446,8 +446,14 @@ class QuantgateRun:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Keep each test's outcome, skip reason and wall time (setup + call + teardown)."""
+        attrs = self.case_attrs.get(report.nodeid, {})
+        if attrs and "hardware" not in attrs:  # the report's criteria select by hardware class too
+            try:
+                attrs["hardware"] = "cpu" if attrs["device"] == "cpu" else self.device(attrs["device"]).hardware_class
+            except Exception:  # noqa: BLE001 - a device that cannot be described leaves the field out
+                attrs["hardware"] = None
         record = self.outcomes.setdefault(report.nodeid, {"outcome": None, "when": None, "reason": None,
-                                                          "duration_s": 0.0, **self.case_attrs.get(report.nodeid, {})})
+                                                          "duration_s": 0.0, **attrs})
         record["duration_s"] = round(record["duration_s"] + report.duration, 4)
         if report.when == "call" or (report.when == "setup" and not report.passed) or (
                 report.when == "teardown" and report.failed):

@@ -1,6 +1,7 @@
 """Atomic writes: a new version appears whole or not at all, also when the writer is killed."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -139,3 +140,56 @@ def test_directories_are_exchanged_in_one_step_on_linux(tmp_path):
         assert not sys.platform.startswith("linux"), "renameat2(RENAME_EXCHANGE) is available on Linux >= 3.15"
         pytest.skip("this platform has no atomic exchange of two paths (renameat2): the fallback is tested above")
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_a_cache_this_process_cannot_write_is_read_without_a_lock(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from quantgate.atomic import file_lock
+
+    real_open = builtins.open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    ran = []
+    with file_lock(tmp_path / "entry.lock"):
+        ran.append(True)
+    assert ran == [True]
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"), file_lock(tmp_path / "entry.lock"):
+        pass
+
+
+def test_written_files_and_directories_follow_the_umask(tmp_path):
+    from quantgate.atomic import atomic_write_text
+
+    old = os.umask(0o002)  # a group-shared runner cache
+    try:
+        with atomic_directory(tmp_path / "entry") as tmp:
+            (tmp / "x").write_text("x")
+        atomic_write_text(tmp_path / "entry.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "entry").stat().st_mode & 0o777 == 0o775
+    assert (tmp_path / "entry.json").stat().st_mode & 0o777 == 0o664
+
+
+def test_a_full_disk_names_the_file_the_free_space_and_how_to_free_more(tmp_path):
+    import errno
+
+    from quantgate.atomic import atomic_file
+    from quantgate.errors import DiskFull
+
+    atomic_write_json(tmp_path / "kept.json", {"v": 1})
+    with pytest.raises(DiskFull, match="kept.json: the disk is full .* GiB free .*quantgate cache clear --max-size"), \
+            atomic_file(tmp_path / "kept.json"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(DiskFull, match="entry: the disk is full"), atomic_directory(tmp_path / "entry"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert json.loads((tmp_path / "kept.json").read_text()) == {"v": 1}  # the old version stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]

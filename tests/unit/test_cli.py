@@ -67,3 +67,16 @@ def test_hints_name_flags_the_command_has(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--allow-mixed-machines" in err, err
     assert main(["summary", str(a), str(b), "--allow-mixed-machines"]) == 0
+
+
+def test_comparing_a_run_with_itself_says_so_and_does_not_pass(capsys):
+    from tests.conftest import REPO
+
+    run = str(REPO / "tests" / "fixtures" / "history" / "cpu-4-steps.json")
+    assert main(["compare", run, run]) == 2
+    assert "are the same run" in capsys.readouterr().err
+
+
+def test_an_unknown_plan_names_the_plans_there_are(capsys):
+    assert main(["plan", "nosuch"]) == 2
+    assert "unknown plan 'nosuch'; valid plans: budget-16g, merge, nightly" in capsys.readouterr().err

@@ -80,6 +80,31 @@ def test_a_truncated_weight_file_is_detected_and_rebuilt(tmp_path, private_flux,
     assert "rebuilding synthetic" in caplog.text and "transformer" in caplog.text
 
 
+@pytest.mark.parametrize("edit", ["dtype", "data"])
+def test_an_edit_that_keeps_the_size_and_a_parsing_header_is_detected_and_rebuilt(tmp_path, private_flux, caplog,
+                                                                                  edit):
+    import json
+    import struct
+
+    weights = _transformer_weights(private_flux)
+    good = _sha(weights)
+    raw = bytearray(weights.read_bytes())
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    if edit == "dtype":  # same length, still valid JSON and safetensors: BF16 read as F16
+        header = raw[8:8 + header_len].decode()
+        assert '"BF16"' in header
+        raw[8:8 + header_len] = header.replace('"BF16"', '"F16" ', 1).encode()
+        json.loads(raw[8:8 + header_len])
+    else:  # flipped bytes at the start of the data (a sampled block)
+        raw[8 + header_len:8 + header_len + 4] = bytes(b ^ 0xFF for b in raw[8 + header_len:8 + header_len + 4])
+    weights.write_bytes(bytes(raw))
+
+    rebuilt = materialize(get_model("flux-schnell"), "tiny", tmp_path, progress=False)
+
+    assert _sha(_transformer_weights(rebuilt)) == good
+    assert "changed since it was written" in caplog.text
+
+
 def test_a_component_without_manifest_is_never_used(tmp_path, private_flux):
     component = (private_flux / "vae").resolve()
     (component / MANIFEST).unlink()

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from quantgate.atomic import atomic_directory, atomic_write_json, file_lock
 from quantgate.cache import mark_used
 from quantgate.hardware import library_version
-from quantgate.integrity import safetensors_problem
+from quantgate.integrity import marks_problem, safetensors_marks, safetensors_problem
 from quantgate.models.registry import ComponentSpec, ModelSpec, Size
 from quantgate.models.tokenizers import generate_tokenizer
 
@@ -124,7 +124,7 @@ def component_problem(directory: Path, recipe: ComponentRecipe) -> str | None:
             return f"{path} has {path.stat().st_size} bytes, the manifest recorded {size}"
         if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
             return problem
-    return None
+    return marks_problem(directory, manifest.get("marks") or {})
 
 
 def pipeline_problem(directory: Path, spec: ModelSpec, recipes: Mapping[str, ComponentRecipe]) -> str | None:
@@ -200,6 +200,7 @@ def _manifest(recipe: ComponentRecipe, directory: Path, device: str) -> dict[str
         "digest": recipe.digest,
         "recipe": recipe.identity(),
         "files": _file_sizes(directory),
+        "marks": safetensors_marks(directory),
         "built_on": device,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {lib: library_version(lib) for lib in ("torch", "diffusers", "transformers", "tokenizers")},

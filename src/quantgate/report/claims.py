@@ -27,6 +27,14 @@ class Criterion:
     tests: tuple[str, ...]  # any of these tests' outcomes decides it (with no metric)
     selectors: Mapping[str, tuple[Any, ...]]
     each: str | None = None  # a selector every listed value of which must be covered
+    min: float | None = None  # the claim's own number: a gate verdict alone does not meet it
+    max: float | None = None
+
+    def meets(self, value: Any) -> bool:
+        """Whether a measured value meets the claim's own bounds (none given: the gate decides)."""
+        if value is None:
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
     def matches(self, record: Mapping[str, Any]) -> bool:
         return all(record.get(k) in v for k, v in self.selectors.items())
@@ -67,7 +75,7 @@ def load_claims(path: str | Path) -> Claims:
     for p in data.get("claims", []):
         criteria = []
         for c in p.get("criterion", []):
-            unknown = set(c) - {"claim", "metric", "test", "each", *SELECTOR_KEYS}
+            unknown = set(c) - {"claim", "metric", "test", "each", "min", "max", *SELECTOR_KEYS}
             if unknown or "claim" not in c or not (c.get("metric") or c.get("test")):
                 raise ConfigFileError(path, f"criterion {c.get('claim')!r} needs a claim and a metric or test"
                                       + (f"; unknown keys {sorted(unknown)}" if unknown else ""), key=p.get("name"))
@@ -76,8 +84,12 @@ def load_claims(path: str | Path) -> Claims:
                 raise ConfigFileError(path, f"criterion {c['claim']!r}: each = {c['each']!r} names no selector",
                                       key=p.get("name"))
             tests = c.get("test") or ()
+            bounds = {k: float(c[k]) for k in ("min", "max") if k in c}
+            if bounds and not c.get("metric"):
+                raise ConfigFileError(path, f"criterion {c['claim']!r}: min/max bound a metric; it names none",
+                                      key=p.get("name"))
             criteria.append(Criterion(c["claim"], c.get("metric"), tuple([tests] if isinstance(tests, str) else tests),
-                                      selectors, c.get("each")))
+                                      selectors, c.get("each"), bounds.get("min"), bounds.get("max")))
         groups.append(ClaimGroup(p["name"], tuple(criteria)))
     budgets = tuple(Budget(b["name"], int(b["bytes"])) for b in data.get("budget", []))
     line = float(data.get("report", {}).get("memory_reduction_line", 3.5))
@@ -99,9 +111,14 @@ def evaluate(criterion: Criterion, runs: RunSet) -> Evaluation:
         measured = [v for v in runs.verdicts if v["metric"] == criterion.metric and criterion.matches(v)]
         verdicts = [v for v in measured if v["passed"] is not None]
         if verdicts:
-            evidence = [f"{v['case']}: {v['value']:.4g} ({'pass' if v['passed'] else 'FAIL'}, {v['gate']})"
+            def meets(v: Mapping[str, Any]) -> bool:
+                return bool(v["passed"]) and criterion.meets(v["value"])
+            bounds = [f">= {criterion.min:g}" if criterion.min is not None else "",
+                      f"<= {criterion.max:g}" if criterion.max is not None else ""]
+            claim = f"; the claim: {' and '.join(b for b in bounds if b)}" if any(bounds) else ""
+            evidence = [f"{v['case']}: {v['value']:.4g} ({'pass' if meets(v) else 'FAIL'}, {v['gate']}{claim})"
                         for v in verdicts]
-            return Evaluation(criterion, "pass" if all(v["passed"] for v in verdicts) else "fail", evidence)
+            return Evaluation(criterion, "pass" if all(meets(v) for v in verdicts) else "fail", evidence)
         if measured:
             return Evaluation(criterion, "measured, no gate", [f"{v['case']}: {v['value']:.4g}" for v in measured])
     outcomes = [o for o in runs.outcomes if (not criterion.tests or o.get("test") in criterion.tests)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from quantgate.errors import ConfigFileError
 from quantgate.gates import METRICS
@@ -200,6 +201,19 @@ def trends(history: list[tuple[str, RunSet]]) -> dict[tuple[str, str], list[tupl
         for key, r in _index(runs).items():
             series.setdefault(key, []).append((label, r.median, r.q1, r.q3))
     return series
+
+
+def nothing_to_compare(base: RunSet, new: RunSet, comparison: Comparison) -> str | None:
+    """Why the comparison says nothing (the same run twice, no case in common), or None."""
+    def identity(runs: RunSet) -> tuple[Any, ...]:
+        return (runs.data.get("datetime"), (runs.data.get("commit_info") or {}).get("id"),
+                len(runs.data.get("benchmarks", [])))
+    if identity(base) == identity(new) and base.data.get("benchmarks") == new.data.get("benchmarks"):
+        return (f"{comparison.base_label} and {comparison.new_label} are the same run (same time, commit and "
+                "benchmarks): compare two runs")
+    if not comparison.times and not comparison.figures:
+        return f"{comparison.base_label} and {comparison.new_label} have no case in common: nothing was compared"
+    return None
 
 
 def exit_code(comparison: Comparison) -> int:

@@ -202,6 +202,8 @@ def load_runs(paths: list[str | Path], allow_mixed_machines: bool = False) -> Ru
                     break
         if "test" not in record:
             record["test"] = node.split("::")[-1].split("[")[0]
+        if "hardware" not in record and record.get("device"):  # runs before outcomes carried it
+            record["hardware"] = "cpu" if record["device"] == "cpu" else data.get("machine_info", {}).get("hardware_class")
         outcomes.append(record)
     parts = q.get("parts") or [{"file": Path(paths[0]).name, "datetime": data.get("datetime"),
                                 "commit": data.get("commit_info", {}).get("id"), "selection": q.get("selection")}]
