@@ -73,10 +73,21 @@ def _materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def shipped(name: str, relative: str) -> Path:
+    """``relative`` (a repository data file) where the command runs, else the copy shipped in the
+    package (``quantgate/data/NAME``), so that the commands work outside the repository."""
+    here = Path(relative)
+    if here.is_file():
+        return here
+    from importlib.resources import files
+
+    return Path(str(files("quantgate") / "data" / name))
+
+
 def _claims(path: str | None) -> Claims:  # noqa: F821 - imported lazily
     from quantgate.report.claims import load_claims
 
-    claims = Path(path) if path else Path("fixtures/claims.toml")
+    claims = Path(path) if path else shipped("claims.toml", "fixtures/claims.toml")
     if not claims.is_file():
         raise QuantgateError(f"{claims} not found: pass --claims FILE (the repository's fixtures/claims.toml)")
     return load_claims(claims)
@@ -173,7 +184,7 @@ def _regate(args: argparse.Namespace) -> int:
     from quantgate.report.regate import as_text, exit_code, load_gates, recheck_run
     from quantgate.report.runs import load_benchmark_json
 
-    book = load_gates(args.gates)
+    book = load_gates(args.gates or shipped("gates.toml", "fixtures/gates.toml"))
     rows = [row for path in args.runs for row in recheck_run(str(path), load_benchmark_json(path), book)]
     print(as_text(rows, changed_only=args.changed), end="")
     return exit_code(rows)
@@ -280,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("regate", help="re-check a run's measured values against the current gates; exit 1 on a failure")
     p.add_argument("runs", nargs="+", help="benchmark JSON files written by quantgate runs")
-    p.add_argument("--gates", default="fixtures/gates.toml", help="the gates file (default: fixtures/gates.toml)")
+    p.add_argument("--gates", default=None,
+                   help="the gates file (default: fixtures/gates.toml here, else the one shipped with quantgate)")
     p.add_argument("--changed", action="store_true", help="list only values whose verdict differs from the run's own")
     p.set_defaults(func=_regate)
 

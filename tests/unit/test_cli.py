@@ -80,3 +80,14 @@ def test_comparing_a_run_with_itself_says_so_and_does_not_pass(capsys):
 def test_an_unknown_plan_names_the_plans_there_are(capsys):
     assert main(["plan", "nosuch"]) == 2
     assert "unknown plan 'nosuch'; valid plans: budget-16g, merge, nightly" in capsys.readouterr().err
+
+
+def test_report_summary_and_regate_work_outside_the_repository(tmp_path, monkeypatch, capsys):
+    """The claims and gates they default to ship in the package (quantgate/data)."""
+    from tests.conftest import REPO
+
+    run = str(REPO / "tests" / "fixtures" / "history" / "cpu-4-steps.json")
+    monkeypatch.chdir(tmp_path)
+    assert main(["summary", run]) == 0
+    assert main(["regate", run]) in (0, 1)  # a verdict, not a missing-file error
+    assert "not found" not in capsys.readouterr().err
