@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+from quantgate.integrity import safetensors_problem
 from quantgate.models import get_model, synthetic
-from quantgate.models.synthetic import MANIFEST, materialize, recipes_for, safetensors_problem
+from quantgate.models.synthetic import MANIFEST, materialize, recipes_for
 
 
 def _sha(path):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from quantgate.atomic import atomic_directory, atomic_write_json, file_lock
 from quantgate.cache import mark_used
 from quantgate.hardware import library_version
-from quantgate.integrity import marks_problem, safetensors_marks, safetensors_problem
+from quantgate.integrity import file_sizes, manifest_problem, safetensors_marks
 from quantgate.models.registry import ComponentSpec, ModelSpec, Size
 from quantgate.models.tokenizers import generate_tokenizer
 
@@ -91,40 +91,11 @@ def pipeline_dirname(spec: ModelSpec, size: Size, recipes: Mapping[str, Componen
 
 
 # -- verification ---------------------------------------------------------------------------
-# (safetensors_problem: quantgate.integrity, shared with the other caches)
-
-
-def _file_sizes(directory: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(directory)): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
 
 
 def component_problem(directory: Path, recipe: ComponentRecipe) -> str | None:
     """Why a materialized component directory cannot be reused, or ``None``."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        return f"{directory} has no {MANIFEST} (an interrupted write?)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        return f"{manifest_path} is unreadable: {exc}"
-    if manifest.get("digest") != recipe.digest:
-        return f"{manifest_path} records digest {manifest.get('digest')}, expected {recipe.digest}"
-    files = manifest.get("files") or {}
-    if not files:
-        return f"{manifest_path} lists no files"
-    for rel, size in files.items():
-        path = directory / rel
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, the manifest recorded {size}"
-        if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
-            return problem
-    return marks_problem(directory, manifest.get("marks") or {})
+    return manifest_problem(directory, MANIFEST, {"digest": recipe.digest})
 
 
 def pipeline_problem(directory: Path, spec: ModelSpec, recipes: Mapping[str, ComponentRecipe]) -> str | None:
@@ -199,7 +170,7 @@ def _manifest(recipe: ComponentRecipe, directory: Path, device: str) -> dict[str
     return {
         "digest": recipe.digest,
         "recipe": recipe.identity(),
-        "files": _file_sizes(directory),
+        "files": file_sizes(directory, MANIFEST),
         "marks": safetensors_marks(directory),
         "built_on": device,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
