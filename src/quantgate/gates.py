@@ -183,17 +183,28 @@ class Gate:
             parts.append(f"<= {format_value(self.max, unit)}")
         return " and ".join(parts)
 
-    def check(self, value: float, subject: str = "") -> Verdict:
-        """Compare ``value`` with this gate; NaN never passes."""
+    def check(self, value: float, subject: str = "", ci95: tuple[float, float] | None = None) -> Verdict:
+        """Compare ``value`` with this gate; NaN never passes.
+
+        With ``ci95`` (a 95% interval around ``value``) a ``min`` is checked against the
+        interval's lower end and a ``max`` against its upper end: the gate passes only when
+        the whole interval does.
+        """
+        low, high = (value, value) if ci95 is None else ci95
         ok = not math.isnan(value)
         if ok and self.min is not None:
-            ok = value >= self.min
+            ok = low >= self.min
         if ok and self.max is not None:
-            ok = value <= self.max
+            ok = high <= self.max
         unit = METRICS[self.metric].unit
-        message = (f"{self.metric}{' of ' + subject if subject else ''}: measured {format_value(value, unit)}, "
-                   f"required {self.requirement()} [{self.where}: {self.why}]")
-        return Verdict(gate=self, value=value, passed=ok, message=message)
+        interval = ""
+        if ci95 is not None:
+            side = "lower" if self.min is not None else "upper"
+            interval = (f" (95% interval {format_value(low, unit)} to {format_value(high, unit)}, "
+                        f"gated on its {side} end)")
+        message = (f"{self.metric}{' of ' + subject if subject else ''}: measured {format_value(value, unit)}"
+                   f"{interval}, required {self.requirement()} [{self.where}: {self.why}]")
+        return Verdict(gate=self, value=value, passed=ok, message=message, ci95=ci95)
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,7 @@ class Verdict:
     value: float
     passed: bool
     message: str
+    ci95: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -214,6 +226,7 @@ class Verdict:
             "passed": self.passed,
             "gate": self.gate.where,
             "why": self.gate.why,
+            "ci95": None if self.ci95 is None else [self.ci95[0], self.ci95[1]],
         }
 
 

@@ -6,6 +6,7 @@ file holds::
 
     description = "..."
     leaves = ["what this plan does not check, and which plan does"]
+    harness_left_out = ["test_a_real_cuda_oom_*"]  # harness tests (quantgate's own, no case) not run
 
     [options]                     # session defaults; a command-line option or ini value wins
     rounds = 3
@@ -38,7 +39,7 @@ from quantgate.tomlfiles import read_toml, table_lines
 
 DEFAULT_PLAN = "merge"
 ALL = "*"
-_PLAN_KEYS = {"description", "leaves", "options", "select"}
+_PLAN_KEYS = {"description", "leaves", "options", "select", "harness_left_out"}
 _ENTRY_KEYS = {"why", "models", "schemes", "variants", "batches", "tests", "tiers"}
 TIER_NAMES = ("gpu", "cpu")
 
@@ -70,6 +71,12 @@ class Plan:
     options: Mapping[str, str] = field(default_factory=dict)
     leaves: tuple[str, ...] = ()
     path: Path | None = None
+    # fnmatch patterns of harness tests (no case: quantgate's own GPU checks) the plan does not run
+    harness_left_out: tuple[str, ...] = ()
+
+    def leaves_out_harness_test(self, name: str) -> bool:
+        """Whether the harness test ``name`` (a function name) is one this plan leaves out."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.harness_left_out)
 
     def narrowed(self, models: Sequence[str] | None = None, schemes: Sequence[str] | None = None,
                  variants: Sequence[str] | None = None, batches: Sequence[int] | None = None) -> Plan:
@@ -104,6 +111,7 @@ class Plan:
         """What the JSON records of the plan a run used."""
         return {"name": self.name, "path": str(self.path) if self.path else None, "description": self.description,
                 "options": dict(self.options), "leaves": list(self.leaves),
+                "harness_left_out": list(self.harness_left_out),
                 "select": [{"why": e.why, "models": list(e.models), "schemes": list(e.schemes),
                             "variants": list(e.variants), "batches": list(e.batches), "tests": list(e.tests),
                             "tiers": list(e.tiers)} for e in self.entries]}
@@ -193,6 +201,9 @@ def load_plan(path: Path, vocabulary: Mapping[str, Sequence[str]]) -> Plan:
     leaves = data.get("leaves", [])
     if not isinstance(leaves, list) or not all(isinstance(x, str) for x in leaves):
         raise ConfigFileError(path, "leaves must be a list of sentences")
+    harness = data.get("harness_left_out", [])
+    if not isinstance(harness, list) or not all(isinstance(x, str) for x in harness):
+        raise ConfigFileError(path, f"harness_left_out must be a list of test-name patterns, got {harness!r}")
     return Plan(path.stem, tuple(entries), str(data.get("description", "")),
                 {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()},
-                tuple(leaves), path)
+                tuple(leaves), path, tuple(harness))

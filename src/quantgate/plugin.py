@@ -34,7 +34,14 @@ from quantgate.known_failures import KnownFailures
 from quantgate.measure import gpu_state
 from quantgate.measure.flops import bf16_matmul_peak_tflops
 from quantgate.measure.memory import synchronize, track_peak
-from quantgate.measure.timing import CompilesInTimedRounds, EventClock, gpu_busy_seconds, pedantic
+from quantgate.measure.timing import (
+    CompilesInTimedRounds,
+    EventClock,
+    RoundPolicy,
+    extend_rounds,
+    gpu_busy_seconds,
+    pedantic,
+)
 from quantgate.models import ModelSpec, get_model, model_names
 from quantgate.models.registry import load_models
 from quantgate.models.sources import AUTO, SOURCES, SourceContext, choose_source, get_source
@@ -43,7 +50,7 @@ from quantgate.pipeline import LoadedPipeline, PipelineCache, Release
 from quantgate.plans import Plan, matrix
 from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
-from quantgate.records import Measurement, Records
+from quantgate.records import Measurement, Ratio, Records
 from quantgate.report.runs import SCHEMA_VERSION
 from quantgate.schemes import get_scheme, scheme_markers, scheme_names
 from quantgate.sharding import pipeline_group
@@ -112,6 +119,12 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "prompts": ("prompt file (default: <rootdir>/fixtures/prompts/gate.txt)", None),
     "rounds": ("timed rounds per benchmark (default: 3)", "3"),
     "warmup": ("untimed warm-up rounds before them (default: 1)", "1"),
+    "round-budget": ("seconds of timed rounds a GPU benchmark may take beyond --quantgate-rounds, to bring the "
+                     "median's 95 percent confidence interval within --quantgate-ci-target (default: 3; 0: fixed rounds)",
+                     "3"),
+    "max-rounds": ("most timed rounds a GPU benchmark takes (default: 30)", "30"),
+    "ci-target": ("relative half-width of the median's 95 percent confidence interval at which a GPU benchmark stops "
+                  "(default: 0.01)", "0.01"),
     "cpu-rounds": ("timed rounds per benchmark on the CPU tier, where no timing is gated (default: --quantgate-rounds)",
                    None),
     "steps": ("override every model's number of inference steps", None),
@@ -149,6 +162,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _option(config: pytest.Config, name: str) -> str | None:
     return options.value(config, name, _OPTIONS[name][1])
+
+
+def _float(value: str | None, name: str, minimum: float) -> float:
+    try:
+        number = float(value or 0)
+    except ValueError:
+        raise pytest.UsageError(f"--quantgate-{name} must be a number, got {value!r}") from None
+    if not number >= minimum:
+        raise pytest.UsageError(f"--quantgate-{name} must be at least {minimum:g}, got {value!r}")
+    return number
+
+
+def _round_policy(config: pytest.Config) -> RoundPolicy:
+    """How many rounds a GPU benchmark takes: --quantgate-rounds, then more within the budget."""
+    rounds = _int(_option(config, "rounds"), "rounds", 1) or 1
+    most = _int(_option(config, "max-rounds"), "max-rounds", 1) or rounds
+    return RoundPolicy(min_rounds=rounds, max_rounds=max(rounds, most),
+                       ci_target=_float(_option(config, "ci-target"), "ci-target", 0.0),
+                       budget_s=_float(_option(config, "round-budget"), "round-budget", 0.0))
 
 
 def _calibration(config: pytest.Config) -> CalibrationSettings:
@@ -275,6 +307,7 @@ class QuantgateRun:
     rounds: int
     warmup_rounds: int
     cpu_rounds: int
+    round_policy: RoundPolicy  # GPU benchmarks; the CPU tier takes exactly cpu_rounds
     pipelines: PipelineCache
     golden_dir: Path = Path("golden_images")
     update_golden: bool = False
@@ -368,6 +401,7 @@ class QuantgateRun:
             rounds=_int(_option(config, "rounds"), "rounds", 1) or 1,
             warmup_rounds=_int(_option(config, "warmup"), "warmup", 0) or 0,
             cpu_rounds=_int(_option(config, "cpu-rounds") or _option(config, "rounds"), "cpu-rounds", 1) or 1,
+            round_policy=_round_policy(config),
             pipelines=PipelineCache(ctx, _calibration(config), phases),
             golden_dir=_display_path(Path(_option(config, "golden-dir") or config.rootpath / "golden_images")),
             update_golden=bool(config.getoption("quantgate_update_golden")),
@@ -598,6 +632,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for item in items:
         case = _case_of(item)
         reason = None if case is None else applicability.reason_not_applicable(item, case)
+        name = getattr(item, "originalname", item.name)
+        if case is None and run.plan is not None and run.plan.leaves_out_harness_test(name):
+            reason = f"{name}: a harness test the {run.plan.name} plan leaves out (its harness_left_out)"
         if reason:
             run.left_out[reason] += 1
         if reason or _without_cases(item):
@@ -854,9 +891,12 @@ class Bench:
         events = EventClock(fn, case.device, skip=run.warmup_rounds)
         compiles = CompilesInTimedRounds(events, warmup_rounds=run.warmup_rounds)
         state_before = gpu_state.read(case.device)
+        policy = run.round_policy if case.device != "cpu" else RoundPolicy(self.rounds, self.rounds)
         with track_peak(case.device) as peak, run.phases.phase("timed_rounds"):
             result = pedantic(self.benchmark, compiles, case.device, rounds=self.rounds,
                               warmup_rounds=run.warmup_rounds)
+            # More rounds of the same wrapper: CUDA events and compile counts cover them too.
+            spread = extend_rounds(self.benchmark, compiles, case.device, policy)
         state = gpu_state.around(state_before, gpu_state.read(case.device))
         busy = gpu_busy_seconds(fn, case.device) if scope.startswith("transformer") else None
         self.compiles_in_timed_rounds = compiles.count
@@ -872,8 +912,10 @@ class Bench:
             **case.as_dict(),
             "hardware": run.hardware(case),
             "device_name": run.device(case.device).name,
-            "rounds": self.rounds,
+            "rounds": len(spread.get("round_seconds") or ()) or self.rounds,
+            "min_rounds": self.rounds,
             "warmup_rounds": run.warmup_rounds,
+            **spread,
             "first_call_seconds": round(first_call, 4),
             "dynamo_graph_breaks": _graph_breaks() - breaks_before,
             "dynamo_compiles_in_timed_rounds": compiles.count,
@@ -892,7 +934,7 @@ class Bench:
         if stats is not None:
             run.records.add(Measurement(case, scope, stats.median, {k: getattr(stats, k) for k in
                                         ("min", "max", "mean", "median", "iqr", "stddev")}, peak.peak_allocated,
-                                        clocks))
+                                        clocks, rounds=tuple(stats.data)))
         return result
 
 
@@ -949,8 +991,9 @@ def runs_here(case: Case, quantgate_run: QuantgateRun) -> Case:
 
 
 @pytest.fixture
-def speedup(runs_here: Case, records: Records, quantgate_run: QuantgateRun) -> Callable[[str, str], float]:
-    """``speedup(scope, baseline)``: the eager ``baseline``'s median over this case's, same batch.
+def speedup(runs_here: Case, records: Records, quantgate_run: QuantgateRun) -> Callable[[str, str], Ratio]:
+    """``speedup(scope, baseline)``: the eager ``baseline``'s median over this case's, same batch,
+    with the bootstrap interval of that ratio from both cases' rounds (gates pass on its bound).
 
     Skips, saying why, when the case cannot run here or either timing is missing from this session.
     """
@@ -961,7 +1004,7 @@ def speedup(runs_here: Case, records: Records, quantgate_run: QuantgateRun) -> C
         if value is None:
             itself = case.scheme == baseline and case.variant == "eager"
             pytest.skip(reason + ("" if itself else quantgate_run.spread_note))
-        return value
+        return Ratio(value, records.speedup_ci95(case, scope, baseline))
 
     return compute
 
@@ -976,9 +1019,11 @@ class CaseGates:
     def __init__(self, run: QuantgateRun, case: Case, node: pytest.Item):
         self.run, self.case, self.node = run, case, node
 
-    def _record(self, hardware: str, metric: str, value: float, verdict: Verdict | None) -> None:
+    def _record(self, hardware: str, metric: str, value: float, verdict: Verdict | None,
+                ci95: tuple[float, float] | None = None) -> None:
         outcome = verdict.as_dict() if verdict is not None else {
             "metric": metric, "value": value, "min": None, "max": None, "passed": None, "gate": None, "why": None}
+        outcome["ci95"] = None if ci95 is None else [ci95[0], ci95[1]]
         record = {"nodeid": self.node.nodeid, "case": self.case.id, **self._attrs(hardware),
                   "device": self.case.device, **outcome,
                   "message": verdict.message if verdict is not None else f"{metric} = {value:.6g} (no gate)"}
@@ -988,21 +1033,26 @@ class CaseGates:
     def _attrs(self, hardware: str) -> dict[str, Any]:
         return {**self.case.gate_attrs(hardware), **self.run.session_attrs}
 
-    def require(self, metric: str, value: float) -> Verdict | None:
-        """Check one measured value against its gate (None: no gate names it; it is recorded)."""
+    def require(self, metric: str, value: float | Ratio) -> Verdict | None:
+        """Check one measured value against its gate (None: no gate names it; it is recorded).
+
+        A ``Ratio`` with an interval passes on the interval's bound on the gate's side (a
+        ``min`` on its lower end), so a speedup passes only when the rounds' noise cannot
+        explain it."""
         return self.require_all({metric: value}).get(metric)
 
-    def require_all(self, values: dict[str, float]) -> dict[str, Verdict]:
+    def require_all(self, values: dict[str, float | Ratio]) -> dict[str, Verdict]:
         """Check several values; every one is recorded before any failure is raised."""
         hardware = self.run.hardware(self.case)
         verdicts, failures = {}, []
         for metric, value in values.items():
             gate = self.run.gates.lookup(metric, self._attrs(hardware))
+            ci95 = value.ci95 if isinstance(value, Ratio) else None
             if gate is None:
-                self._record(hardware, metric, float(value), None)
+                self._record(hardware, metric, float(value), None, ci95)
                 continue
-            verdict = gate.check(float(value), subject=self.case.id)
-            self._record(hardware, metric, float(value), verdict)
+            verdict = gate.check(float(value), subject=self.case.id, ci95=ci95)
+            self._record(hardware, metric, float(value), verdict, ci95)
             verdicts[metric] = verdict
             if not verdict.passed:
                 failures.append(verdict.message)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantgate.cases import Case
+from quantgate.measure.stats import ratio_ci95
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,18 @@ class Measurement:
     peak_allocated_bytes: int | None
     # The same rounds on CUDA events, and the GPU's busy share (quantgate.plugin's Bench)
     clocks: dict[str, Any] = field(default_factory=dict)
+    rounds: tuple[float, ...] = ()  # the timed rounds' seconds, for intervals on ratios
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio of two medians (a speedup) and its 95% bootstrap interval (None: too few rounds)."""
+
+    value: float
+    ci95: tuple[float, float] | None = None
+
+    def __float__(self) -> float:
+        return self.value
 
 
 def _key(case: Case, scope: str, scheme: str | None = None, variant: str | None = None) -> tuple:
@@ -59,6 +72,19 @@ class Records:
                           f"on {case.device} in this session: include {baseline} in --quantgate-schemes and "
                           f"{baseline_variant} in --quantgate-variants")
         return base.median_s / own.median_s, ""
+
+    def speedup_ci95(self, case: Case, scope: str, baseline: str,
+                     baseline_variant: str = "eager") -> tuple[float, float] | None:
+        """The 95% bootstrap interval of ``speedup`` from both cases' rounds (None: too few rounds).
+
+        The two cases ran in separate pipeline groups (both transformers rarely fit one GPU's
+        memory side by side, and a group is loaded once), so their rounds are independent
+        samples, resampled each on its own, not pairs.
+        """
+        own, base = self.get(case, scope), self.get(case, scope, baseline, baseline_variant)
+        if own is None or base is None:
+            return None
+        return ratio_ci95(base.rounds, own.rounds)
 
     def as_list(self) -> list[dict[str, Any]]:
         return [{"case": m.case.id, "scope": m.scope, "median_s": m.median_s,

@@ -151,3 +151,26 @@ def test_speed_is_never_gated_on_the_cpu_tier():
     book = GateBook.load(REPO / "fixtures" / "gates.toml", VOCABULARY)
     timed = [g for g in book.gates if "speedup" in g.metric or "timing" in g.metric]
     assert timed and all("hardware" in g.selectors and "cpu" not in g.selectors["hardware"] for g in timed)
+
+
+SPEEDUP_GATE = """
+    [[gate]]
+    metric = "transformer_speedup_vs_bf16"
+    min = 1.3
+    why = "a test gate"
+"""
+
+
+@pytest.mark.parametrize("value, ci95, passed", [
+    (1.5, None, True),
+    (1.5, (1.35, 1.62), True),
+    (1.5, (1.25, 1.62), False),  # the median passes, the interval's lower end does not
+])
+def test_a_speedup_with_an_interval_passes_on_its_lower_end(tmp_path, value, ci95, passed):
+    gate = _book(tmp_path, SPEEDUP_GATE).lookup("transformer_speedup_vs_bf16", ATTRS)
+    verdict = gate.check(value, subject="case", ci95=ci95)
+    assert verdict.passed is passed
+    assert verdict.as_dict()["ci95"] == (None if ci95 is None else list(ci95))
+    if ci95 is not None:
+        assert f"95% interval {ci95[0]:.3f}x to {ci95[1]:.3f}x" in verdict.message
+        assert "gated on its lower end" in verdict.message

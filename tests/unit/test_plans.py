@@ -195,3 +195,14 @@ def test_comparisons_run_after_every_group_and_need_their_baseline_timed(pyteste
                    "test_cmp[flux-schnell-tiny-int8-wo-eager-b1-cpu-bf16]",
                    "test_cmp[flux-schnell-tiny-bf16-eager-b1-cpu-bf16]"], ids
     result.stdout.fnmatch_lines(["*2  test_cmp: int8-dq eager at batch 1 has no transformer timing in this selection*"])
+
+
+def test_a_plan_leaves_out_the_harness_tests_it_names_and_counts_them(pytester, tiny_cache):
+    (pytester.path / "fixtures" / "plans").mkdir(parents=True)
+    (pytester.path / "fixtures" / "plans" / "small.toml").write_text(
+        'harness_left_out = ["test_cal*"]\n' + PLAN)
+    pytester.makepyfile(TESTS)
+    result = pytester.runpytest(*_args(tiny_cache), "--quantgate-plan=small", "--collect-only", "-q")
+    ids = [line.split("::", 1)[1] for line in result.outlines if "::" in line]
+    assert "test_rounds" in ids and "test_calibration" not in ids
+    assert "test_a[flux-schnell-tiny-bf16-eager-b1-cpu]" in ids

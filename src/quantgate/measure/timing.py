@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from quantgate.measure.memory import synchronize
+from quantgate.measure.stats import ci_halfwidth_fraction, median_ci95
 
 T = TypeVar("T")
 
@@ -28,6 +32,64 @@ def pedantic(benchmark: Any, fn: Callable[[], T], device: str, *, rounds: int, w
     """
     synchronize(device)  # queued work from setup must not land in the first round
     return benchmark.pedantic(synchronized(fn, device), rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How many timed rounds a benchmark takes: at least ``min_rounds``, then more until the
+    median's 95% confidence interval is within ``ci_target`` of it (relative half-width), the
+    timed rounds have taken ``budget_s`` seconds, or ``max_rounds`` were taken."""
+
+    min_rounds: int
+    max_rounds: int
+    ci_target: float = 0.01
+    budget_s: float = 0.0  # 0: exactly min_rounds
+
+    @property
+    def adaptive(self) -> bool:
+        return self.budget_s > 0 and self.max_rounds > self.min_rounds
+
+
+def extend_rounds(benchmark: Any, fn: Callable[[], Any], device: str, policy: RoundPolicy) -> dict[str, Any]:
+    """After ``pedantic``: time further rounds of ``fn`` into the same pytest-benchmark statistics
+    until ``policy`` is met; return what decided it and the median's interval.
+
+    pytest-benchmark's ``pedantic`` takes a fixed number of rounds, so the extra rounds are timed
+    here exactly as it times one: its timer read around one synchronized call, the duration
+    appended to its ``Stats`` (whose summary figures are computed when first read, after this).
+    The interval is checked after every round (a sequential rule; the order-statistic
+    interval keeps at least its nominal coverage for a fixed count, a little less when stopped
+    on it, which the 1% target dwarfs in practice).
+    """
+    meta = getattr(benchmark, "stats", None)
+    data = getattr(getattr(meta, "stats", None), "data", None)
+    out: dict[str, Any] = {"ci_target": policy.ci_target, "round_budget_s": policy.budget_s}
+    if data is None:  # --benchmark-disable: nothing was timed
+        out.update(median_ci95=None, ci95_halfwidth_fraction=None, rounds_stopped_by="benchmark disabled")
+        return out
+    timer = getattr(benchmark, "_timer", None) or time.perf_counter
+    run = synchronized(fn, device)
+    stopped = "min_rounds"
+    if policy.adaptive:
+        while True:
+            width = ci_halfwidth_fraction(data)
+            if width is not None and width <= policy.ci_target:
+                stopped = "ci_target"
+                break
+            if len(data) >= policy.max_rounds:
+                stopped = "max_rounds"
+                break
+            if sum(data) + statistics.median(data) > policy.budget_s:
+                stopped = "budget"
+                break
+            start = timer()
+            run()
+            meta.stats.update(timer() - start)
+    interval = median_ci95(data)
+    out.update(median_ci95=None if interval is None else [interval[0], interval[1]],
+               ci95_halfwidth_fraction=ci_halfwidth_fraction(data), rounds_stopped_by=stopped,
+               round_seconds=[round(d, 7) for d in data])
+    return out
 
 
 def cuda_event_times(fn: Callable[[], Any], device: str, *, rounds: int, warmup_rounds: int) -> list[float]:

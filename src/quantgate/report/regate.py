@@ -62,10 +62,11 @@ def recheck_run(label: str, data: Mapping[str, Any], book: GateBook) -> list[Rec
             continue  # a case id this quantgate cannot read (another registry): nothing to match
         gate = book.lookup(metric, {key: record[key] for key in SELECTORS if key in record})
         value = float(record["value"])
+        ci95 = tuple(record["ci95"]) if record.get("ci95") else None  # runs since 2026-12: a speedup's interval
         rows.append(Recheck(run=label, nodeid=record.get("nodeid", ""), case=record.get("case", ""),
                             metric=metric, value=value, then_passed=record.get("passed"),
                             then_gate=record.get("gate"),
-                            now=gate.check(value, subject=record.get("case", "")) if gate else None))
+                            now=gate.check(value, subject=record.get("case", ""), ci95=ci95) if gate else None))
     return rows
 
 
