@@ -5,7 +5,7 @@
     quantgate materialize MODEL ...       build a synthetic/tiny weight directory ahead of a run
     quantgate report BENCH.json -o DIR    HTML report + Markdown twin (checklist, plots, recommendations)
     quantgate summary BENCH.json          the report's Markdown twin on standard output
-    quantgate compare OLD.json NEW.json   noise-aware comparison across commits; exit 1 on a regression
+    quantgate compare OLD.json NEW.json   rank test of each case's rounds across commits; exit 1 on a regression
     quantgate merge A.json B.json -o M    join runs split over several commands into one JSON
     quantgate regate RUN.json [--changed] a run's measured values against the current gates.toml
     quantgate golden MODEL --source tiny  write a model's golden images from its bf16 pipeline
@@ -130,6 +130,7 @@ def _compare(args: argparse.Namespace) -> int:
         exit_code,
         history_files,
         load_history,
+        load_thresholds,
         nothing_to_compare,
         render,
     )
@@ -145,7 +146,13 @@ def _compare(args: argparse.Namespace) -> int:
             raise QuantgateError("compare needs two benchmark files (BASE NEW ...) or --storage DIR")
     history = load_history(files)
     (base_label, base), (new_label, new) = history[-2], history[-1]
-    comparison = compare_runs(base, new, tolerance=args.tolerance / 100, figure_tolerance=args.memory_tolerance / 100,
+    thresholds = load_thresholds(args.thresholds or shipped("compare.toml", "fixtures/compare.toml"))
+
+    def fraction(percent: float | None) -> float | None:
+        return None if percent is None else percent / 100
+
+    comparison = compare_runs(base, new, tolerance=fraction(args.tolerance),
+                              figure_tolerance=fraction(args.memory_tolerance), alpha=args.alpha, thresholds=thresholds,
                               allow_cross_hardware=args.allow_cross_hardware, base_label=base_label,
                               new_label=new_label)
     for label, runs in ((base_label, base), (new_label, new)):
@@ -269,13 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge files from different GPUs, drivers or library versions (as quantgate merge)")
     p.set_defaults(func=_summary)
 
-    p = sub.add_parser("compare", help="noise-aware comparison of benchmark runs across commits; exit 1 on regression")
+    p = sub.add_parser("compare", help="compare benchmark runs across commits (Mann-Whitney U test of each case's "
+                       "rounds); exit 1 on regression")
     p.add_argument("runs", nargs="*", help="benchmark JSON files, oldest first; the last two are compared")
     p.add_argument("--storage", help="a pytest-benchmark storage directory (--benchmark-storage) to read instead")
-    p.add_argument("--tolerance", type=float, default=5.0,
-                   help="percent a median may move outside the noise before it counts (default: 5)")
-    p.add_argument("--memory-tolerance", type=float, default=1.0,
-                   help="percent memory and quality figures may move (default: 1)")
+    p.add_argument("--thresholds", default=None, help="alpha and the tolerances (default: fixtures/compare.toml here, "
+                   "else the one shipped with quantgate)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="significance level of the rank test, e.g. 0.01 (default: the thresholds file's)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="percent a median must move, significantly, to count (default: the thresholds file's)")
+    p.add_argument("--memory-tolerance", type=float, default=None,
+                   help="percent memory and quality figures may move (default: the thresholds file's)")
     p.add_argument("--allow-cross-hardware", action="store_true", help="compare runs from different GPU classes")
     p.add_argument("-o", "--output", help="directory for compare.html (with trend plots) and compare.md")
     p.set_defaults(func=_compare)

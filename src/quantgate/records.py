@@ -23,15 +23,20 @@ class Measurement:
     rounds: tuple[float, ...] = ()  # the timed rounds' seconds, for intervals on ratios
 
 
-@dataclass(frozen=True)
-class Ratio:
-    """A ratio of two medians (a speedup) and its 95% bootstrap interval (None: too few rounds)."""
+class Ratio(float):
+    """A ratio of two medians (a speedup), a float, with its 95% bootstrap interval in ``ci95``
+    (None: too few rounds). A float, so a test may compare or format it as before."""
 
-    value: float
-    ci95: tuple[float, float] | None = None
+    ci95: tuple[float, float] | None
 
-    def __float__(self) -> float:
-        return self.value
+    def __new__(cls, value: float, ci95: tuple[float, float] | None = None) -> Ratio:
+        ratio = super().__new__(cls, value)
+        ratio.ci95 = ci95
+        return ratio
+
+    @property
+    def value(self) -> float:
+        return float(self)
 
 
 def _key(case: Case, scope: str, scheme: str | None = None, variant: str | None = None) -> tuple:

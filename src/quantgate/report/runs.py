@@ -7,6 +7,7 @@ the benchmarks of the same case id, and verdicts without one from the case id it
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class Result:
     peak_allocated: int | None
     peak_reserved: int | None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Each timed round's seconds (``raw_rounds``); empty when the JSON kept none.
+    round_times: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -97,6 +100,21 @@ class Result:
 
     def attrs(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (*CASE_FIELDS, "hardware", "scope")}
+
+
+def _seconds(values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list) or not values:
+        return ()
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values):
+        return ()
+    return tuple(float(v) for v in values)
+
+
+def raw_rounds(bench: dict[str, Any]) -> tuple[float, ...]:
+    """The seconds of each timed round of one benchmark entry: pytest-benchmark's ``stats.data``
+    (``--benchmark-json`` always writes it; an autosave only with ``--benchmark-save-data``), else
+    quantgate's ``extra_info.round_seconds``; empty when neither holds a list of seconds."""
+    return _seconds((bench.get("stats") or {}).get("data")) or _seconds((bench.get("extra_info") or {}).get("round_seconds"))
 
 
 def result_from_benchmark(bench: dict[str, Any], part: int = 0) -> Result | None:
@@ -114,7 +132,7 @@ def result_from_benchmark(bench: dict[str, Any], part: int = 0) -> Result | None
         flops=e.get("denoiser_flops_per_call"), tflops=e.get("achieved_tflops"),
         peak_fraction=e.get("fraction_of_bf16_peak"), footprint=e.get("denoiser_footprint_bytes"),
         pipeline_footprint=e.get("pipeline_footprint_bytes"), peak_allocated=e.get("peak_allocated_bytes"),
-        peak_reserved=e.get("peak_reserved_bytes"), extra=e,
+        peak_reserved=e.get("peak_reserved_bytes"), extra=e, round_times=raw_rounds(bench),
     )
 
 

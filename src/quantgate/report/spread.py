@@ -1,23 +1,26 @@
 """Does spreading a run change its results? One selection run in one process and spread over
 xdist workers (or shards), compared: the same tests with the same outcomes, each timed scope's
-median within the measured spread, and the wall-time ratio."""
+rounds indistinguishable by ``quantgate compare``'s rank test, and the wall-time ratio."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from quantgate.report.compare import judge_time
+from quantgate.report.compare import NO_CHANGE, NOT_ENOUGH_DATA, judge_time, load_thresholds
 from quantgate.report.runs import load_benchmark_json, load_runs
 
 
 def compare_spread(single: str | Path, spread: str | Path, single_wall_s: float | None = None,
-                   spread_wall_s: float | None = None) -> dict[str, Any]:
+                   spread_wall_s: float | None = None, alpha: float | None = None) -> dict[str, Any]:
     """The comparison of a one-process run (``single``) with the same selection spread out.
 
-    A median counts as within the spread when the two runs' min-max ranges overlap or the
-    medians differ by no more than the larger IQR (``quantgate compare``'s noise rule).
+    A median is within the measured spread when ``quantgate compare``'s Mann-Whitney test of the
+    two runs' rounds cannot tell them apart (p >= alpha, from compare.toml unless given; no
+    tolerance): ``within_spread`` True, False when it can, None when the rounds are too few for
+    the test to decide (3 and 3 rounds never reach p < 0.05).
     """
+    alpha = load_thresholds().alpha if alpha is None else alpha
     outcomes = [{node: o["outcome"] for node, o in load_benchmark_json(p)["quantgate"]["outcomes"].items()}
                 for p in (single, spread)]
     indexed = []
@@ -29,9 +32,10 @@ def compare_spread(single: str | Path, spread: str | Path, single_wall_s: float 
     medians = []
     for key in sorted(set(indexed[0]) & set(indexed[1])):
         base, new = indexed[0][key], indexed[1][key]
-        verdict, why = judge_time(base, new, tolerance=0.0)
+        change = judge_time(base, new, tolerance=0.0, alpha=alpha)
+        within = None if change.verdict == NOT_ENOUGH_DATA else change.verdict == NO_CHANGE
         medians.append({"benchmark": key[0], "scope": key[1], "single_median_s": base.median,
-                        "spread_median_s": new.median, "within_spread": verdict == "noise", "why": why})
+                        "spread_median_s": new.median, "within_spread": within, "why": change.decided_by})
     report: dict[str, Any] = {
         "same_results": outcomes[0] == outcomes[1],
         "tests": len(outcomes[0]),
@@ -41,7 +45,8 @@ def compare_spread(single: str | Path, spread: str | Path, single_wall_s: float 
         "benchmarks_only_single": sorted(f"{n} {s}" for n, s in set(indexed[0]) - set(indexed[1])),
         "benchmarks_only_spread": sorted(f"{n} {s}" for n, s in set(indexed[1]) - set(indexed[0])),
         "medians": medians,
-        "medians_within_spread": sum(m["within_spread"] for m in medians),
+        "medians_within_spread": sum(m["within_spread"] is True for m in medians),
+        "medians_undecided": sum(m["within_spread"] is None for m in medians),
     }
     if single_wall_s and spread_wall_s:
         report.update(single_wall_s=single_wall_s, spread_wall_s=spread_wall_s,
@@ -52,14 +57,15 @@ def compare_spread(single: str | Path, spread: str | Path, single_wall_s: float 
 def as_text(report: dict[str, Any]) -> str:
     """A few lines a person reads: the verdicts first, then each median that moved."""
     lines = [f"same results: {report['same_results']} ({report['tests']} tests)",
-             f"medians within the measured spread: {report['medians_within_spread']} of {len(report['medians'])}"]
+             f"medians within the measured spread: {report['medians_within_spread']} of {len(report['medians'])}"
+             + (f" ({report['medians_undecided']} with too few rounds to tell)" if report.get("medians_undecided") else "")]
     if "scaling" in report:
         lines.append(f"wall time: one process {report['single_wall_s']:.1f} s, spread {report['spread_wall_s']:.1f} s, "
                      f"ratio {report['scaling']:.2f}x")
     for key in ("only_single", "only_spread", "different_outcome", "benchmarks_only_single", "benchmarks_only_spread"):
         lines += [f"  {key}: {item}" for item in report[key]]
     lines += [f"  outside the spread: {m['benchmark']} {m['scope']}: {m['why']}" for m in report["medians"]
-              if not m["within_spread"]]
+              if m["within_spread"] is False]
     return "\n".join(lines) + "\n"
 
 
