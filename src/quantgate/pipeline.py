@@ -70,6 +70,11 @@ class LoadedPipeline:
         return getattr(self._live(), self.spec.denoiser)
 
     @property
+    def diffusers_pipeline(self) -> Any:
+        """The live diffusers pipeline (for wrappers that time its stages); an error once released."""
+        return self._live()
+
+    @property
     def denoiser_footprint(self) -> Footprint:
         return self.footprints[self.spec.denoiser]
 

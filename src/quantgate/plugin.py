@@ -34,6 +34,7 @@ from quantgate.known_failures import KnownFailures
 from quantgate.measure import gpu_state
 from quantgate.measure.flops import bf16_matmul_peak_tflops
 from quantgate.measure.memory import synchronize, track_peak
+from quantgate.measure.stages import time_stages
 from quantgate.measure.timing import (
     CompilesInTimedRounds,
     EventClock,
@@ -899,6 +900,10 @@ class Bench:
             spread = extend_rounds(self.benchmark, compiles, case.device, policy)
         state = gpu_state.around(state_before, gpu_state.read(case.device))
         busy = gpu_busy_seconds(fn, case.device) if scope.startswith("transformer") else None
+        stages = None
+        if scope == "end_to_end":  # one more call, untimed, with its stages bracketed
+            with run.phases.phase("timed_rounds"):
+                stages = time_stages(self.loaded.diffusers_pipeline, self.loaded.denoiser, case.device, fn)
         self.compiles_in_timed_rounds = compiles.count
         stats = self.benchmark.stats.stats if self.benchmark.stats is not None else None
         clocks = _clock_agreement(stats, events.seconds(), busy)
@@ -929,6 +934,7 @@ class Bench:
             "peak_memory_measured": peak.peak_allocated is not None,
             **clocks,
             "gpu_state": state,
+            "stages": stages,
             "pipeline": loaded,
         })
         if stats is not None:

@@ -195,3 +195,17 @@ def test_markdown_escapes_pipes():
 
     text = to_markdown(Document("t", [Section("s", [Table(["a"], [["x | y"]])])]))
     assert "x \\| y" in text
+
+
+def test_the_stages_of_a_call_are_shown_under_its_end_to_end_timing(tmp_path, plans):
+    data = json.loads(H200_RUN.read_text())
+    bench = next(b for b in data["benchmarks"] if b["extra_info"].get("scope") == "end_to_end")
+    bench["extra_info"]["stages"] = {"text_encoding_s": 0.012, "denoising_steps_s": [0.1, 0.1, 0.1, 0.1],
+                                     "denoising_s": 0.4, "vae_decode_s": 0.05, "steps": 4, "wall_s": 0.48,
+                                     "other_s": 0.018, "clock": "cuda events"}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    doc = build_report(load_runs([path]), plans, "stages")
+    tables = [b for s in doc.sections for b in s.blocks if isinstance(b, Table) and b.headers[0] == "stages of one call"]
+    assert len(tables) == 1 and tables[0].rows[0][1:] == ["0.0120", "0.4000", "4 x 100.0", "0.0500", "0.0180",
+                                                           "0.4800"]

@@ -86,11 +86,32 @@ def _performance(runs: RunSet) -> Section:
             blocks += [Paragraph(f"{scope.replace('_', ' ')}: {model} ({source}), batch {batch}, {device}"),
                        Table(["scheme / variant", "median s", "IQR s", "min – max s", "vs bf16 eager",
                               "vs NF4 eager", "TFLOP/s", "of bf16 peak", "first call s"], rows)]
+            staged = _stages(results)
+            if staged is not None:
+                blocks.append(staged)
         svg = plots.latency_bars(runs.results, scope)
         if svg:
             blocks.append(Figure(svg, f"{scope.replace('_', ' ')}: median time per call at the smallest batch, "
                                       "IQR as error bars; compiled variants in green"))
     return Section("Performance", blocks or [Paragraph("No timings in these runs.")])
+
+
+def _stages(results: list[Result]) -> Table | None:
+    """Where one untimed prompt-to-image call spent its time (``extra_info.stages``), per case."""
+    rows = []
+    for r in sorted(results, key=lambda r: (r.scheme, r.variant, r.part)):
+        stages = r.extra.get("stages")
+        if not stages or not stages.get("wall_s"):
+            continue
+        steps = stages.get("denoising_steps_s") or []
+        per_step = f"{1e3 * sum(steps) / len(steps):.1f}" if steps else "–"
+        rows.append([r.label, f"{stages['text_encoding_s']:.4f}", f"{stages['denoising_s']:.4f}",
+                     f"{stages.get('steps', len(steps))} x {per_step}", f"{stages['vae_decode_s']:.4f}",
+                     f"{stages['other_s']:.4f}", f"{stages['wall_s']:.4f}"])
+    if not rows:
+        return None
+    return Table(["stages of one call", "text encoding s", "denoising s", "steps x ms", "VAE decode s", "other s",
+                  "wall s"], rows)
 
 
 def _memory(runs: RunSet, claims: Claims) -> Section:
