@@ -6,7 +6,7 @@ twice the card's memory while "quantizing"), ``fault-oom-call`` (the same alloca
 the transformer's forward, from a test body that holds the model in a local) and ``bf16``.
 The faulty cases fail with the OutOfMemoryError; every release (the failed load's included)
 leaves allocated memory within the ``leaked_gpu_bytes`` gate of the load's baseline; the bf16
-case then loads and runs. The control session without ``quantgate.isolation`` shows the
+case then loads and runs. The control session without ``quantgate.plugin.isolation`` shows the
 same check catching the 2 GiB a kept exception holds. The fault schemes are registered in
 the inner session only (tests/fault_schemes.py). Seconds on an H100/H200, mostly imports:
 ``pytest -m gpu tests/test_reliability.py``.
@@ -83,9 +83,9 @@ def test_a_real_cuda_oom_fails_its_case_frees_its_memory_and_the_next_case_runs(
 
 
 def test_the_leak_check_catches_what_a_kept_exception_holds_on_the_gpu(gpu_session):
-    """The control: without quantgate.isolation, the exception a plugin keeps holds the
+    """The control: without quantgate.plugin.isolation, the exception a plugin keeps holds the
     failed case's transformer with its ballast, and the release reports it."""
-    result, quantgate, alive = gpu_session("fault-oom-call,bf16", "-p", "no:quantgate.isolation")
+    result, quantgate, alive = gpu_session("fault-oom-call,bf16", "-p", "no:quantgate.plugin.isolation")
 
     (oom_call, _) = quantgate["releases"]
     assert oom_call["pipeline"] == "cuda/flux-schnell/tiny/fault-oom-call/eager" and oom_call["passed"] is False

@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from quantgate.cases import Case
-from quantgate.schemes import get_scheme
+from quantgate.schemes import BASELINE, get_scheme
 
 Condition = Callable[[Case, Mapping[str, Any], Any], "str | None"]  # (case, other params, pytest config)
-BASELINE_SCHEME, BASELINE_VARIANT = "bf16", "eager"
+BASELINE_SCHEME, BASELINE_VARIANT = BASELINE, "eager"
 
 
 def is_baseline(case: Case, scheme: str = BASELINE_SCHEME) -> bool:
@@ -100,7 +100,7 @@ def all_of(*conditions: Condition) -> Condition:
 
 def gpu_budget_set(case: Case, params: Mapping[str, Any], config: Any = None) -> str | None:
     """Claims for a smaller card: only under --quantgate-gpu-budget."""
-    from quantgate.budget_plugin import session_budget
+    from quantgate.plugin.budget import session_budget
 
     return None if config is None or session_budget(config) is not None else \
         "needs --quantgate-gpu-budget (a smaller card's claims)"

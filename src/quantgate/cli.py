@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quantgate`` command."""
-    from quantgate.safe_loading import enforce_offline
+    from quantgate.plugin.offline import enforce_offline
 
     args = build_parser().parse_args(argv)
     enforce_offline()  # the commands load weights too: offline and weights-only, as in a run

@@ -29,12 +29,12 @@ class _Collector:
         self.summary: dict[str, Any] = {}
 
     def pytest_collection_finish(self, session: Any) -> None:
-        from quantgate.plugin import _case_of, _run
+        from quantgate.plugin.session import case_of, run_of
 
         for item in session.items:
-            case = _case_of(item)
+            case = case_of(item)
             self.items.append((item.nodeid, case.id if case is not None else None, item.originalname))
-        run = _run(session.config)
+        run = run_of(session.config)
         self.summary = {"plan": run.plan.as_dict() if run.plan else None, "not_generated": dict(run.left_out)}
 
 

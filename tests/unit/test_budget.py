@@ -113,7 +113,7 @@ def test_nonsense_sizes_are_usage_errors(pytester, args, option):
 
 
 def test_the_budget_is_recorded_in_the_json_and_said_unenforced_off_cuda(pytester, args, monkeypatch):
-    import quantgate.budget_plugin as bp
+    import quantgate.plugin.budget as bp
 
     monkeypatch.setattr(bp, "cuda_available", lambda: False)  # the same on a GPU machine: this is a CPU test
     pytester.makepyfile("def test_x(case, gpu_budget, quantgate_run, benchmark):\n"
@@ -156,7 +156,7 @@ def _case(scheme: str, variant: str):
 
 
 def test_the_offload_baseline_is_the_fastest_bf16_offload_variant_that_fits():
-    from quantgate.budget_plugin import GpuBudget
+    from quantgate.plugin.budget import GpuBudget
     from quantgate.records import Measurement, Records
 
     state, records = GpuBudget(budget=16 * GIB), Records()
@@ -179,7 +179,7 @@ def test_the_offload_baseline_is_the_fastest_bf16_offload_variant_that_fits():
 
 
 def test_only_a_new_pipeline_of_an_offline_quantized_scheme_loads_uncapped():
-    from quantgate.budget_plugin import offline_window
+    from quantgate.plugin.budget import offline_window
     from quantgate.schemes import get_scheme
 
     cap = plan_cap(16 * GIB, DeviceMemory(total=H200, free=H200 - CONTEXT, reserved=0))
@@ -232,7 +232,7 @@ def test_compact_round_trips_the_modules_on_the_gpu_through_the_cpu_and_frees_in
     import torch
 
     import quantgate.measure.memory as memory
-    from quantgate.budget_plugin import compact
+    from quantgate.plugin.budget import compact
 
     events = []
 

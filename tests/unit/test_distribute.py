@@ -113,7 +113,7 @@ def test_visible_gpus_come_from_the_environment_or_nvidia_smi_without_cuda(tmp_p
 def test_each_worker_gets_its_gpu_and_a_replacement_takes_over_a_crashed_workers():
     from types import SimpleNamespace
 
-    from quantgate import distribute
+    from quantgate.plugin import distribute
 
     state = distribute.Distribution()
     state.worker_gpus = ["2", "3"]
@@ -361,14 +361,14 @@ class _Options:
     ({"dist": "loadgroup", "benchmark_disable": True, "benchmark_enable": True}, "gw0", True),
 ])
 def test_xdist_disabling_is_recognised_by_pytest_benchmarks_own_rule(options, worker, expected, monkeypatch):
-    from quantgate.distribute import disabled_only_by_xdist
+    from quantgate.plugin.distribute import disabled_only_by_xdist
 
     monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
     assert disabled_only_by_xdist(_Options(**options)) is expected
 
 
 def test_the_benchmark_json_target_is_a_path_under_both_pytest_benchmark_versions(tmp_path):
-    from quantgate.benchmark_files import benchmark_json_path
+    from quantgate.plugin.benchmark_files import benchmark_json_path
 
     target = tmp_path / "out.json"
     assert benchmark_json_path(str(target)) == str(target)  # 5.3: the path as given

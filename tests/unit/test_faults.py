@@ -87,9 +87,9 @@ def test_a_scheme_that_runs_out_of_memory_fails_its_own_tests_and_frees_its_pipe
 
 
 def test_without_the_isolation_plugin_a_kept_exception_would_keep_the_pipeline(session):
-    """The control: the same session, with quantgate.isolation blocked, leaks the failed test's
+    """The control: the same session, with quantgate.plugin.isolation blocked, leaks the failed test's
     pipeline through the kept exception (so the test above measures what isolation does)."""
-    result, alive, quantgate, out = session("fault-oom-call,bf16", "-p", "no:quantgate.isolation")
+    result, alive, quantgate, out = session("fault-oom-call,bf16", "-p", "no:quantgate.plugin.isolation")
 
     (oom_call, _) = quantgate["releases"]
     assert oom_call["pipeline"] == "cpu/flux-schnell/tiny/fault-oom-call/eager"

@@ -222,7 +222,7 @@ def test_pytest_benchmark_files_through_quantgate(tmp_path, sig, how):
     _kill_inside_the_write(f"""
         import pytest
         sys.exit(pytest.main([{str(tmp_path / "test_timed.py")!r}, "-q", "-p", "no:cacheprovider", "-p",
-                              "quantgate.benchmark_files", *{target!r}, "--rootdir", str(work)]))
+                              "quantgate.plugin.benchmark_files", *{target!r}, "--rootdir", str(work)]))
     """, tmp_path, sig)
     assert json.loads(out.read_text()) == {"previous": True}
     assert json.loads(saved.read_text()) == {"previous": True}
@@ -329,7 +329,7 @@ def test_pytest_benchmark_52s_open_json_file_is_written_whole_through_its_name(t
     import logging
     import types
 
-    from quantgate.benchmark_files import make_atomic
+    from quantgate.plugin.benchmark_files import make_atomic
 
     target = tmp_path / "out.json"
     logger = types.SimpleNamespace(info=lambda *a, **k: logging.getLogger("t").info(a[0]))

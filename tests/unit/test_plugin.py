@@ -252,3 +252,21 @@ def _summary_text(out):
     from quantgate.report.document import to_markdown
 
     return to_markdown(build_report(load_runs([out]), load_claims(REPO / "fixtures" / "claims.toml"), "t"))
+
+
+def test_a_sub_plugin_extends_the_json_section_through_the_declared_hook(pytester, args):
+    """``pytest_quantgate_json_section`` (quantgate.plugin.hookspec): one writer of the section,
+    every other plugin adding its keys there; the budget plugin's own key arrives the same way."""
+    pytester.makeconftest("""
+def pytest_quantgate_json_section(config, section, output_json):
+    section["mine"] = {"keys": sorted(section)[:3], "benchmarks": len(output_json["benchmarks"])}
+""")
+    pytester.makepyfile("def test_plain():\n    assert True\n")
+    out = pytester.path / "out.json"
+    result = pytester.runpytest(*args, "-m", "not gpu", f"--benchmark-json={out}")
+    result.assert_outcomes(passed=1)
+    section = json.loads(out.read_text())["quantgate"]
+    # the hook saw the main plugin's keys already there, and the whole document
+    assert section["mine"]["benchmarks"] == 0 and len(section["mine"]["keys"]) == 3
+    assert set(section["mine"]["keys"]) <= set(section)
+    assert "gpu_budget" in section and "wall_seconds" in section

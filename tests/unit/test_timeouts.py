@@ -1,4 +1,4 @@
-"""The per-case time budget (quantgate.timeouts), in pytester subprocesses with a 1 s budget.
+"""The per-case time budget (quantgate.plugin.timeouts), in pytester subprocesses with a 1 s budget.
 
 Soft limit: a test that overruns while running Python is failed where it stands and the
 next test runs. Hard limit: a test that never returns to Python (SIGALRM blocked, as in a

@@ -127,7 +127,7 @@ def merge_worker_runs(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if not parts:
         raise ValueError("no worker sent results")
     ids = sorted(parts, key=lambda w: (len(w), w))
-    # A killed worker's partial results (quantgate.timeouts) carry no full machine_info; they
+    # A killed worker's partial results (quantgate.plugin.timeouts) carry no full machine_info; they
     # come from this session's own workers, so they are merged without the machine check.
     complete = [w for w in ids if "partial" not in parts[w]["quantgate"]] or ids
     first = parts[complete[0]]

@@ -157,10 +157,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getoption("dist", "no") != "loadgroup":
         return None
     from quantgate.cases import plan_cases
-    from quantgate.plugin import _run
+    from quantgate.plugin.session import run_of
     from quantgate.scheduling import group_of_nodeid, pipeline_scheduler
 
-    run = _run(config)
+    run = run_of(config)
     unit = config.getoption("quantgate_spread_by")
     groups = {case.id: spread_unit(case.pipeline_key, unit)
               for case in plan_cases(run.plan, None, run.selection, run.choose_source)}
@@ -170,14 +170,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect other shards' pipeline groups (after -k/-m, so shards split what is selected)."""
-    from quantgate.plugin import _case_of
+    from quantgate.plugin.session import case_of
 
     state = _state(config)
     unit = config.getoption("quantgate_spread_by")
     groups: dict[str, int] = {}
     names = []
     for item in items:
-        case = _case_of(item)
+        case = case_of(item)
         name = HARNESS_GROUP if case is None else spread_unit(case.pipeline_key, unit)
         suffix = f"@{pipeline_group(case.pipeline_key)}" if case is not None else None
         if suffix is not None and item.nodeid.endswith(suffix):  # xdist's loadgroup renamed it (pytest < 9.2)
@@ -221,13 +221,13 @@ def disabled_only_by_xdist(config: pytest.Config) -> bool:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Let pytest-benchmark time on workers (one GPU each), and write JSON only on the controller."""
-    from quantgate.plugin import _run
+    from quantgate.plugin.session import run_of
 
     state = _state(session.config)
     where = [w for w, on in ((f"xdist worker {state.worker}", state.worker), (
         f"shard {state.shard and state.shard['index']}/{state.shard and state.shard['count']}", state.shard)) if on]
     if where:
-        _run(session.config).spread_note = SPREAD_NOTE.format(where=" and ".join(where))
+        run_of(session.config).spread_note = SPREAD_NOTE.format(where=" and ".join(where))
     bs = getattr(session.config, "_benchmarksession", None)
     if bs is None or not disabled_only_by_xdist(session.config):
         return  # not under xdist, or benchmarks were skipped/disabled on purpose
@@ -240,11 +240,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         bs.save = bs.autosave = None
 
 
-@pytest.hookimpl(optionalhook=True, trylast=True)
-def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict) -> None:
+def pytest_quantgate_json_section(config: pytest.Config, section: dict, output_json: dict) -> None:
     """Say in the JSON which shard and which worker/GPU this is, and undo xdist's nodeid suffix."""
     state = _state(config)
-    q = output_json.setdefault("quantgate", {})
+    q = section
     if state.shard is not None or state.worker is not None:
         q["spread_by"] = config.getoption("quantgate_spread_by")
     if state.shard is not None:
@@ -292,7 +291,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         # pytest-benchmark writes nothing without a benchmark; a shard whose tests all skipped
         # still needs its file, or `quantgate merge` would count it as missing.
         from quantgate.atomic import atomic_write_json
-        from quantgate.benchmark_files import benchmark_json_path
+        from quantgate.plugin.benchmark_files import benchmark_json_path
 
         atomic_write_json(benchmark_json_path(bs.json), benchmark_json(config, []))
 
@@ -307,7 +306,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     if _OUTPUT_KEY in output:
         state.worker_parts[node.gateway.id] = json.loads(output[_OUTPUT_KEY])
     elif error is not None:
-        from quantgate.timeouts import partial_path
+        from quantgate.plugin.timeouts import partial_path
 
         partial = partial_path(node.config, node.gateway.id)  # written if the time budget killed it
         if partial.is_file():
@@ -326,7 +325,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 def _write_merged(config: pytest.Config, bs: Any, state: Distribution) -> None:
     from quantgate.atomic import atomic_write_json
-    from quantgate.benchmark_files import benchmark_json_path
+    from quantgate.plugin.benchmark_files import benchmark_json_path
     from quantgate.report.merge import merge_worker_runs
 
     try:

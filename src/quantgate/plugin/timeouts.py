@@ -96,7 +96,7 @@ def partial_path(config: pytest.Config, worker: str | None = None) -> Path:
     if given:
         path = Path(given)
     else:
-        from quantgate.benchmark_files import benchmark_json_path
+        from quantgate.plugin.benchmark_files import benchmark_json_path
 
         bench_json = benchmark_json_path(config.getoption("benchmark_json", None))  # 5.2: an open file
         path = Path(f"{bench_json}.partial.json") if bench_json else Path("quantgate-partial.json")

@@ -34,7 +34,7 @@ from quantgate.budget import (
 from quantgate.cases import Case
 from quantgate.hardware import cuda_available, no_cuda_reason
 from quantgate.records import Measurement, Records
-from quantgate.schemes import Scheme, get_scheme
+from quantgate.schemes import BASELINE, Scheme, get_scheme
 from quantgate.variants import VARIANTS
 
 
@@ -113,8 +113,8 @@ class GpuBudget:
         """The fastest bf16 offload variant that fit the budget, its end-to-end timing, or why none."""
         fitting = []
         for variant in OFFLOAD_VARIANTS:
-            fraction = self.fractions.get(_fit_key(case, "bf16", variant))
-            timing = records.get(case, "end_to_end", "bf16", variant)
+            fraction = self.fractions.get(_fit_key(case, BASELINE, variant))
+            timing = records.get(case, "end_to_end", BASELINE, variant)
             if fraction is not None and fraction <= 1.0 and timing is not None:
                 fitting.append((timing.median_s, variant, timing))
         if not fitting:
@@ -189,8 +189,6 @@ def pytest_configure(config: pytest.Config) -> None:
         except ValueError as exc:
             raise pytest.UsageError(f"--quantgate-gpu-budget: {exc}") from None
     config.stash[_BUDGET] = state
-    if config.pluginmanager.hasplugin("benchmark"):
-        config.pluginmanager.register(_BenchmarkHooks(), "quantgate-budget-benchmark-hooks")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -267,7 +265,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                                     f"(fraction of the budget used: {detail})")
 
 
-class _BenchmarkHooks:
-    @pytest.hookimpl(trylast=True)  # after quantgate.plugin wrote its "quantgate" section
-    def pytest_benchmark_update_json(self, config: pytest.Config, benchmarks: list, output_json: dict) -> None:
-        output_json.setdefault("quantgate", {})["gpu_budget"] = config.stash[_BUDGET].as_dict()
+def pytest_quantgate_json_section(config: pytest.Config, section: dict, output_json: dict) -> None:
+    """The budget, what each pipeline used of it and what fits (``quantgate.plugin.hookspec``)."""
+    state = config.stash.get(_BUDGET, None)
+    if state is not None:
+        section["gpu_budget"] = state.as_dict()

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from quantgate.applicability import is_baseline
 from quantgate.cases import Case
 from quantgate.errors import SourceInvalid, SourceUnavailable
 from quantgate.lora import (
@@ -202,7 +203,7 @@ class LoraReference:
 
     @property
     def is_baseline(self) -> bool:
-        return self.case.scheme == "bf16" and self.case.variant == "eager"
+        return is_baseline(self.case)
 
     def _key(self, label: str) -> tuple:
         c = self.case
@@ -232,7 +233,7 @@ class LoraReference:
 @pytest.fixture
 def lora_reference(runs_here: Case, lora: LoraFile, request: pytest.FixtureRequest) -> LoraReference:
     """bf16 eager outputs with and without this test's LoRA (see ``LoraReference``)."""
-    from quantgate.plugin import _run
+    from quantgate.plugin.session import run_of
 
     return LoraReference(request.config.stash[_OUTPUTS], runs_here, str(lora.path),
-                         spread_note=_run(request.config).spread_note)
+                         spread_note=run_of(request.config).spread_note)
