@@ -95,9 +95,9 @@ def _claims(path: str | None) -> Claims:  # noqa: F821 - imported lazily
 
 def _summary(args: argparse.Namespace) -> int:
     from quantgate.atomic import atomic_write_text
-    from quantgate.report import load_runs
     from quantgate.report.build import build_report
     from quantgate.report.document import to_markdown
+    from quantgate.results import load_runs
 
     text = to_markdown(build_report(load_runs(args.benchmark_json, args.allow_mixed_machines), _claims(args.claims),
                                     args.title))
@@ -109,8 +109,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from quantgate.report import load_runs
     from quantgate.report.build import write_report
+    from quantgate.results import load_runs
 
     html_file, md_file = write_report(load_runs(args.benchmark_json, args.allow_mixed_machines), _claims(args.claims),
                                       args.title, args.output)
@@ -124,7 +124,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from quantgate.atomic import atomic_write_text
-    from quantgate.report.compare import (
+    from quantgate.history.compare import (
         as_text,
         compare_runs,
         exit_code,
@@ -132,8 +132,8 @@ def _compare(args: argparse.Namespace) -> int:
         load_history,
         load_thresholds,
         nothing_to_compare,
-        render,
     )
+    from quantgate.report.comparison import render
     from quantgate.report.document import to_html, to_markdown
 
     if args.storage:
@@ -173,7 +173,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from quantgate.atomic import atomic_write_json
-    from quantgate.report import merge_benchmark_json
+    from quantgate.results import merge_benchmark_json
 
     merged = merge_benchmark_json(args.inputs, allow_mixed_machines=args.allow_mixed_machines,
                                   allow_missing_shards=args.allow_missing_shards)
@@ -188,8 +188,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _regate(args: argparse.Namespace) -> int:
-    from quantgate.report.regate import as_text, exit_code, load_gates, recheck_run
-    from quantgate.report.runs import load_benchmark_json
+    from quantgate.history.regate import as_text, exit_code, load_gates, recheck_run
+    from quantgate.results import load_benchmark_json
 
     book = load_gates(args.gates or shipped("gates.toml", "fixtures/gates.toml"))
     rows = [row for path in args.runs for row in recheck_run(str(path), load_benchmark_json(path), book)]

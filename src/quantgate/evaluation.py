@@ -340,7 +340,7 @@ def merge_into_benchmark(path: str | Path, results: dict[str, Any]) -> None:
     from datetime import datetime, timezone
 
     from quantgate.hardware import machine_facts
-    from quantgate.report.runs import load_benchmark_json
+    from quantgate.results import load_benchmark_json
 
     path = Path(path)
     if path.exists():

@@ -26,7 +26,7 @@ from quantgate.errors import ConfigFileError, SourceInvalid
 from quantgate.models import get_model
 from quantgate.models.sources import SourceContext, get_source
 from quantgate.quality.golden import GoldenInvalid, GoldenMissing, load_golden, write_golden
-from quantgate.report.runs import SCHEMA_VERSION
+from quantgate.results import SCHEMA_VERSION
 from tests.conftest import REPO
 
 CASE_TESTS = """
@@ -389,7 +389,7 @@ def test_a_benchmark_json_quantgate_cannot_read_is_refused_by_name(tmp_path, cap
 
 
 def test_an_older_json_without_a_schema_field_still_reads():
-    from quantgate.report import load_benchmark_json
+    from quantgate.results import load_benchmark_json
 
     data = load_benchmark_json(HISTORY / "cpu-4-steps.json")
     assert "schema" not in data["quantgate"] and data["benchmarks"]

@@ -196,7 +196,7 @@ def test_only_a_new_pipeline_of_an_offline_quantized_scheme_loads_uncapped():
 def test_the_report_shows_what_fit_the_budget_with_peak_latency_and_speedup(tmp_path):
     from quantgate.report.budget import budget_section
     from quantgate.report.document import Table
-    from quantgate.report.runs import load_runs
+    from quantgate.results import load_runs
 
     data = json.loads((REPO / "tests" / "fixtures" / "history" / "h200-eager-run-a.json").read_text())
     e2e = [b for b in data["benchmarks"] if b["extra_info"].get("scope") == "end_to_end"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from quantgate.errors import ConfigFileError
-from quantgate.report import load_runs
 from quantgate.report.claims import evaluate, load_claims
+from quantgate.results import load_runs
 from tests.conftest import REPO
 
 CLAIMS = load_claims(REPO / "fixtures" / "claims.toml")

@@ -10,8 +10,7 @@ import pytest
 
 from quantgate.cli import main
 from quantgate.errors import ConfigFileError, QuantgateError
-from quantgate.report import load_runs
-from quantgate.report.compare import (
+from quantgate.history.compare import (
     IMPROVEMENT,
     NO_CHANGE,
     NOT_ENOUGH_DATA,
@@ -21,10 +20,11 @@ from quantgate.report.compare import (
     exit_code,
     load_thresholds,
     nothing_to_compare,
-    render,
     shipped_thresholds,
 )
+from quantgate.report.comparison import render
 from quantgate.report.document import to_markdown
+from quantgate.results import load_runs
 from tests.conftest import REPO
 
 if sys.version_info >= (3, 11):

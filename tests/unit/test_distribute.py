@@ -12,8 +12,8 @@ import pytest
 
 from quantgate.errors import ConfigFileError
 from quantgate.gpus import gpus_for_workers, parse_gpus, visible_gpus
-from quantgate.report import load_benchmark_json, merge_benchmark_json
-from quantgate.report.merge import merge_worker_runs
+from quantgate.results import load_benchmark_json, merge_benchmark_json
+from quantgate.results.merge import merge_worker_runs
 from quantgate.scheduling import group_of_nodeid
 from quantgate.sharding import assign_shards, parse_shard
 from tests.conftest import REPO
@@ -288,7 +288,7 @@ def test_worker_timings_land_in_one_json_that_pytest_benchmark_reads(spread_runs
                               str(out), "--group-by=name"], capture_output=True, text=True, cwd=root)
     assert listing.returncode == 0, listing.stderr
     assert "test_e2e[flux-schnell-tiny-int8-wo-eager-b1-cpu]" in listing.stdout
-    from quantgate.report import load_runs
+    from quantgate.results import load_runs
 
     assert sorted(r.scheme for r in load_runs([out]).results) == ["bf16", "int8-wo"]  # quantgate's reader too
 
@@ -311,7 +311,7 @@ def test_shards_merge_into_one_run_with_the_results_of_the_distributed_run(sprea
         n: o["outcome"] for n, o in distributed["quantgate"]["outcomes"].items()}
     names = sorted(b["fullname"] for b in merged["benchmarks"])
     assert names == sorted(b["fullname"] for b in distributed["benchmarks"])
-    from quantgate.report.spread import compare_spread
+    from quantgate.history.spread import compare_spread
 
     check = compare_spread(merged_path, runs["xdist"][0], single_wall_s=30.0, spread_wall_s=16.0)
     assert check["same_results"] and check["tests"] == 6 and len(check["medians"]) == 2

@@ -35,10 +35,10 @@ from quantgate.models import get_model
 from quantgate.models.sources import SourceContext, get_source
 from quantgate.pipeline import weights_identity
 from quantgate.quality import fid
-from quantgate.report import load_runs, merge_benchmark_json
 from quantgate.report.build import build_report
 from quantgate.report.claims import load_claims
 from quantgate.report.document import to_markdown
+from quantgate.results import load_runs, merge_benchmark_json
 from tests.conftest import REPO
 from tests.unit.test_perceptual import _tiny_clip
 

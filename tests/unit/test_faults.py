@@ -119,10 +119,10 @@ def test_a_leak_fails_the_test_that_released_it_with_bytes_pipeline_group_and_la
     result.stdout.fnmatch_lines(["releases: 2, largest leak 0.125 GiB (134217728 bytes) in "
                                  f"cpu/flux-schnell/tiny/fault-leak/eager (released after {released_after})"])
 
-    from quantgate.report import load_runs
     from quantgate.report.build import build_report
     from quantgate.report.claims import load_claims
     from quantgate.report.document import to_markdown
+    from quantgate.results import load_runs
 
     text = to_markdown(build_report(load_runs([out]), load_claims(REPO / "fixtures" / "claims.toml"), "faults"))
     assert f"| cpu/flux-schnell/tiny/fault-leak/eager | {_id('test_timed', 'fault-leak')} | 128.0 MiB | FAIL |" in text

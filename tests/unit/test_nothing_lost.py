@@ -185,7 +185,7 @@ def test_report(tmp_path, sig):
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_merged_benchmark_json(tmp_path, sig):
     from quantgate.cli import main
-    from quantgate.report import load_benchmark_json
+    from quantgate.results import load_benchmark_json
 
     a, b = HISTORY / "cpu-4-steps.json", HISTORY / "cpu-48-steps.json"
     out = tmp_path / "merged.json"

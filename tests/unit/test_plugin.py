@@ -129,10 +129,10 @@ def test_the_cpu_tier_writes_a_benchmark_json_with_quantgate_records(pytester, a
     assert not [o for o in quantgate["outcomes"].values() if o["outcome"] == "skipped"]
     assert quantgate["not_generated"]["schemes that run only on cuda: not on the cpu tier"] == 1  # bnb-nf4
 
-    from quantgate.report import load_runs
     from quantgate.report.build import build_report
     from quantgate.report.claims import load_claims
     from quantgate.report.document import to_markdown
+    from quantgate.results import load_runs
 
     summary = to_markdown(build_report(load_runs([out]), load_claims(REPO / "fixtures" / "claims.toml"), "cpu run"))
     assert "end to end: flux-schnell (tiny), batch 1, cpu" in summary and "| bf16 eager | " in summary
@@ -142,7 +142,7 @@ def test_the_cpu_tier_writes_a_benchmark_json_with_quantgate_records(pytester, a
 
 
 def test_runs_split_over_commands_merge_into_one_json(pytester, args):
-    from quantgate.report import load_benchmark_json, merge_benchmark_json
+    from quantgate.results import load_benchmark_json, merge_benchmark_json
 
     pytester.makepyfile(E2E_TEST)
     outs = []
@@ -246,10 +246,10 @@ def test_an_interrupted_run_writes_what_finished_marked_partial(pytester, args):
 
 def _summary_text(out):
     """The summary of ``out`` as Markdown (the report's text twin)."""
-    from quantgate.report import load_runs
     from quantgate.report.build import build_report
     from quantgate.report.claims import load_claims
     from quantgate.report.document import to_markdown
+    from quantgate.results import load_runs
 
     return to_markdown(build_report(load_runs([out]), load_claims(REPO / "fixtures" / "claims.toml"), "t"))
 

@@ -7,7 +7,7 @@ import pytest
 
 from quantgate.cases import case_attrs_from_id
 from quantgate.cli import main
-from quantgate.report.regate import exit_code, load_gates, recheck_run
+from quantgate.history.regate import exit_code, load_gates, recheck_run
 from tests.conftest import REPO
 
 GATES = """

@@ -8,12 +8,12 @@ import pytest
 
 from quantgate.cli import main
 from quantgate.errors import ConfigFileError
-from quantgate.report import load_runs
+from quantgate.history.compare import compare_runs, exit_code, history_files, judge_time
 from quantgate.report.browser import find_browser, rendered_dom, screenshot
 from quantgate.report.build import build_report, write_report
 from quantgate.report.claims import evaluate, load_claims
-from quantgate.report.compare import compare_runs, exit_code, history_files, judge_time
 from quantgate.report.document import Table, to_html, to_markdown
+from quantgate.results import load_runs
 from tests.conftest import REPO
 
 H200_RUN = REPO / "reports" / "torchao-flux-h200-2026-11-21" / "benchmark.json"
@@ -130,7 +130,7 @@ def test_a_real_regression_is_caught_and_explained():
 
 
 def test_judging_a_significant_move_inside_the_tolerance():
-    from quantgate.report.runs import result_from_benchmark
+    from quantgate.results.reader import result_from_benchmark
 
     bench = json.loads((HISTORY / "cpu-4-steps.json").read_text())["benchmarks"][1]  # the forward, 7 rounds
     base = result_from_benchmark(bench)

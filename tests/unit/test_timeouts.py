@@ -52,10 +52,10 @@ def args(pytester, tiny_cache, monkeypatch):
 
 
 def _report(path):
-    from quantgate.report import load_runs
     from quantgate.report.build import build_report
     from quantgate.report.claims import load_claims
     from quantgate.report.document import to_markdown
+    from quantgate.results import load_runs
 
     return to_markdown(build_report(load_runs([path]), load_claims(REPO / "fixtures" / "claims.toml"), "timeouts"))
 
@@ -105,7 +105,7 @@ def test_a_test_that_never_returns_is_killed_at_budget_plus_grace_leaving_partia
     # The machine as quantgate describes it in every benchmark JSON: the partial file merges with
     # the session's other files (the merge compares exactly these keys).
     from quantgate.hardware import machine_facts
-    from quantgate.report.merge import _SAME_MACHINE
+    from quantgate.results.merge import _SAME_MACHINE
 
     facts = machine_facts()
     assert {k: data["machine_info"].get(k) for k in _SAME_MACHINE} == {k: facts[k] for k in _SAME_MACHINE}

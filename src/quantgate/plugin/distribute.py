@@ -326,7 +326,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 def _write_merged(config: pytest.Config, bs: Any, state: Distribution) -> None:
     from quantgate.atomic import atomic_write_json
     from quantgate.plugin.benchmark_files import benchmark_json_path
-    from quantgate.report.merge import merge_worker_runs
+    from quantgate.results.merge import merge_worker_runs
 
     try:
         merged = merge_worker_runs(state.worker_parts)

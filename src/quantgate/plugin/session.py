@@ -41,7 +41,7 @@ from quantgate.plugin.options import (
 )
 from quantgate.prompts import PromptSet
 from quantgate.records import Records
-from quantgate.report.runs import SCHEMA_VERSION
+from quantgate.results import SCHEMA_VERSION
 from quantgate.schemes import get_scheme
 from quantgate.variants import get_variant
 

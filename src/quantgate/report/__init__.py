@@ -1,6 +1,3 @@
-"""Reports people read (HTML and a Markdown twin), benchmark history comparison, merging runs."""
-
-from quantgate.report.merge import merge_benchmark_json
-from quantgate.report.runs import RunSet, load_benchmark_json, load_runs
-
-__all__ = ["RunSet", "load_benchmark_json", "load_runs", "merge_benchmark_json"]
+"""Reports people read: the HTML report and its Markdown twin (``build``, ``document``, ``plots``),
+its sections (budget, evaluation, claims, recommendations), the comparison page and browser
+screenshots. Reading and merging runs is ``quantgate.results``; judging them, ``quantgate.history``."""

@@ -9,7 +9,7 @@ Reads ``quantgate.gpu_budget`` (written by ``--quantgate-gpu-budget``) and the v
 from __future__ import annotations
 
 from quantgate.report.document import Paragraph, Section, Table
-from quantgate.report.runs import RunSet
+from quantgate.results import RunSet
 
 GIB = 2**30
 

@@ -15,7 +15,7 @@ from quantgate.report.claims import Claims, evaluate
 from quantgate.report.document import Bullets, Document, Figure, Image, Paragraph, Section, Table
 from quantgate.report.evaluation import evaluation_section
 from quantgate.report.recommend import recommendations
-from quantgate.report.runs import Result, RunSet
+from quantgate.results import Result, RunSet
 
 GIB = 2**30
 STATUS_CLASS = {"pass": "pass", "fail": "fail", "skipped": "skip", "not measured": "skip", "partial": "skip",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import ConfigFileError
-from quantgate.report.runs import RunSet
+from quantgate.results import RunSet
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantgate.report.document import Paragraph, Section, Table
-from quantgate.report.runs import RunSet
+from quantgate.results import RunSet
 
 
 def _metric(entry: dict[str, Any], digits: int) -> str:

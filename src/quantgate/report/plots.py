@@ -6,7 +6,7 @@ import io
 from collections import defaultdict
 from collections.abc import Sequence
 
-from quantgate.report.runs import Result
+from quantgate.results import Result
 
 GIB = 2**30
 COLORS = ["#0969da", "#1a7f37", "#bf8700", "#8250df", "#cf222e", "#1b7c83", "#953800", "#57606a", "#e16f24"]

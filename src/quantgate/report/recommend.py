@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from quantgate.report.claims import Budget
-from quantgate.report.runs import Result, RunSet
+from quantgate.results import Result, RunSet
 
 GIB = 2**30
 

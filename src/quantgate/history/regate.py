@@ -15,7 +15,8 @@ from typing import Any
 
 from quantgate.cases import selector_vocabulary
 from quantgate.gates import METRICS, SELECTORS, GateBook, Verdict, format_value
-from quantgate.report.runs import complete_verdicts
+from quantgate.results.reader import complete_verdicts
+from quantgate.results.schema import SECTION, VERDICTS
 
 # The case attributes every verdict record carries; a record also carries the session's
 # ``budget`` when it ran under --quantgate-gpu-budget (the other selector of gates.toml).
@@ -54,7 +55,7 @@ class Recheck:
 def recheck_run(label: str, data: Mapping[str, Any], book: GateBook) -> list[Recheck]:
     """Every value in ``data['quantgate']['verdicts']`` checked against ``book``."""
     rows = []
-    for record in complete_verdicts(data.get("quantgate", {}).get("verdicts", [])):
+    for record in complete_verdicts(data.get(SECTION, {}).get(VERDICTS, [])):
         metric = record.get("metric")
         if metric not in METRICS:
             continue  # a metric this quantgate does not know (an older or newer run): nothing to check

@@ -1,5 +1,8 @@
 """Join several benchmark JSON files of quantgate runs into one (a matrix split over commands,
-sessions or runners), keeping pytest-benchmark's format so its own tools still read it."""
+sessions or runners, or the workers of one xdist session), keeping pytest-benchmark's format so
+its own tools still read it; ``load_runs`` reads one file or merges several into a RunSet.
+
+This module imports the reader (``quantgate.results.reader``); the reader never imports it."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import ConfigFileError
-from quantgate.report.runs import SCHEMA_VERSION, load_benchmark_json
+from quantgate.results import schema as qs
+from quantgate.results.reader import RunSet, load_benchmark_json, run_set
+from quantgate.results.schema import SCHEMA_VERSION, SECTION
 
 _SAME_MACHINE = ("gpu", "hardware_class", "nvidia_driver", "cuda_runtime", "libraries")
 
@@ -34,42 +39,43 @@ def merge_benchmark_json(paths: list[str | Path], allow_mixed_machines: bool = F
                                       f"{part['machine_info'].get(key)!r} vs {first['machine_info'].get(key)!r} "
                                       "(pass --allow-mixed-machines to merge anyway)")
     merged = copy.deepcopy(first)
-    merged["benchmarks"], merged["quantgate"] = [], {
-        "version": first["quantgate"].get("version"),
-        "schema": SCHEMA_VERSION,
-        "parts": [],
-        "verdicts": [],
-        "releases": [],
-        "timeouts": [],
-        "outcomes": {},
-        "not_generated": {},
+    merged["benchmarks"], merged[SECTION] = [], {
+        qs.VERSION: first[SECTION].get(qs.VERSION),
+        qs.SCHEMA: SCHEMA_VERSION,
+        qs.PARTS: [],
+        qs.VERDICTS: [],
+        qs.RELEASES: [],
+        qs.TIMEOUTS: [],
+        qs.OUTCOMES: {},
+        qs.NOT_GENERATED: {},
     }
+    mq = merged[SECTION]
     for index, (path, part) in enumerate(zip(paths, parts, strict=True)):
         for bench in part["benchmarks"]:
             bench = copy.deepcopy(bench)
-            bench.setdefault("extra_info", {})["quantgate_part"] = index
+            bench.setdefault("extra_info", {})[qs.PART_KEY] = index
             merged["benchmarks"].append(bench)
-        q = part["quantgate"]
-        merged["quantgate"]["parts"].append({
+        q = part[SECTION]
+        mq[qs.PARTS].append({
             "file": Path(path).name, "datetime": part.get("datetime"), "commit": part.get("commit_info", {}).get("id"),
-            "selection": q.get("selection"), "gates_file": q.get("gates_file"), "gates_sha256": q.get("gates_sha256"),
-            **({"interrupted": q["interrupted"]} if q.get("interrupted") else {}),
+            qs.SELECTION: q.get(qs.SELECTION), qs.GATES_FILE: q.get(qs.GATES_FILE),
+            qs.GATES_SHA256: q.get(qs.GATES_SHA256),
+            **({qs.INTERRUPTED: q[qs.INTERRUPTED]} if q.get(qs.INTERRUPTED) else {}),
         })
-        merged["quantgate"]["verdicts"] += [{**v, "part": index} for v in q.get("verdicts", [])]
-        merged["quantgate"]["releases"] += [{**r, "part": index} for r in q.get("releases", [])]
-        merged["quantgate"]["timeouts"] += [{**t, "part": index} for t in q.get("timeouts", [])]
-        merged["quantgate"]["outcomes"].update({f"{node} (part {index})": o for node, o in q.get("outcomes", {}).items()})
-        for reason, count in (q.get("not_generated") or {}).items():
-            merged["quantgate"]["not_generated"][reason] = merged["quantgate"]["not_generated"].get(reason, 0) + count
-        if q.get("evaluation"):  # quantgate eval results (report's Evaluation section)
-            merged["quantgate"].setdefault("evaluation", []).extend({**e, "part": index} for e in q["evaluation"])
-    merged["quantgate"]["selection"] = merged["quantgate"]["parts"][0]["selection"]
+        for key in (qs.VERDICTS, qs.RELEASES, qs.TIMEOUTS):
+            mq[key] += [{**record, "part": index} for record in q.get(key, [])]
+        mq[qs.OUTCOMES].update({f"{node} (part {index})": o for node, o in q.get(qs.OUTCOMES, {}).items()})
+        for reason, count in (q.get(qs.NOT_GENERATED) or {}).items():
+            mq[qs.NOT_GENERATED][reason] = mq[qs.NOT_GENERATED].get(reason, 0) + count
+        if q.get(qs.EVALUATION):  # quantgate eval results (report's Evaluation section)
+            mq.setdefault(qs.EVALUATION, []).extend({**e, "part": index} for e in q[qs.EVALUATION])
+    mq[qs.SELECTION] = mq[qs.PARTS][0][qs.SELECTION]
     shards = check_shards(paths, parts, allow_missing_shards)
     if shards is not None:
-        merged["quantgate"]["shards"] = shards
+        mq[qs.SHARDS] = shards
         # Shards are one run split over runners: their tests are distinct, so keep the nodeids.
-        merged["quantgate"]["outcomes"] = {node: {**o, "part": index} for index, part in enumerate(parts)
-                                           for node, o in part["quantgate"].get("outcomes", {}).items()}
+        mq[qs.OUTCOMES] = {node: {**o, "part": index} for index, part in enumerate(parts)
+                           for node, o in part[SECTION].get(qs.OUTCOMES, {}).items()}
     return merged
 
 
@@ -83,7 +89,7 @@ def check_shards(paths: list[str | Path], parts: list[dict[str, Any]], allow_mis
     counts, a shard given twice, shards sharing a test, and (unless ``allow_missing``) an
     incomplete set.
     """
-    infos = [part["quantgate"].get("shard") for part in parts]
+    infos = [part[SECTION].get(qs.SHARD) for part in parts]
     if all(info is None for info in infos):
         return None
     if any(info is None for info in infos):
@@ -101,7 +107,7 @@ def check_shards(paths: list[str | Path], parts: list[dict[str, Any]], allow_mis
         if info["index"] in seen:
             raise ConfigFileError(path, f"shard {info['index']}/{info['count']} is also {seen[info['index']]}")
         seen[info["index"]] = str(path)
-        for node in part["quantgate"].get("outcomes", {}):
+        for node in part[SECTION].get(qs.OUTCOMES, {}):
             if node in owner:
                 raise ConfigFileError(path, f"{node} also ran in {owner[node]}: shards overlap")
             owner[node] = str(path)
@@ -129,7 +135,7 @@ def merge_worker_runs(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ids = sorted(parts, key=lambda w: (len(w), w))
     # A killed worker's partial results (quantgate.plugin.timeouts) carry no full machine_info; they
     # come from this session's own workers, so they are merged without the machine check.
-    complete = [w for w in ids if "partial" not in parts[w]["quantgate"]] or ids
+    complete = [w for w in ids if qs.PARTIAL not in parts[w][SECTION]] or ids
     first = parts[complete[0]]
     for worker in complete[1:]:
         for key in _SAME_MACHINE:
@@ -137,24 +143,35 @@ def merge_worker_runs(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"xdist worker {worker} ran on another machine than {ids[0]}: machine_info[{key!r}] "
                                  f"{parts[worker]['machine_info'].get(key)!r} vs {first['machine_info'].get(key)!r}")
     merged = copy.deepcopy(first)
-    q = merged["quantgate"] = {k: v for k, v in copy.deepcopy(first["quantgate"]).items() if k != "worker"}
+    q = merged[SECTION] = {k: v for k, v in copy.deepcopy(first[SECTION]).items() if k != qs.WORKER}
     merged["benchmarks"] = []
-    q.update(verdicts=[], artifacts=[], releases=[], timeouts=[], outcomes={}, xdist={"workers": []})
+    q.update({qs.VERDICTS: [], qs.ARTIFACTS: [], qs.RELEASES: [], qs.TIMEOUTS: [], qs.OUTCOMES: {},
+              qs.XDIST: {"workers": []}})
     for worker in ids:
         part = parts[worker]
-        info = part["quantgate"].get("worker", {"id": worker, "gpu": None})
+        info = part[SECTION].get(qs.WORKER, {"id": worker, "gpu": None})
         tag = {"worker": info["id"], "gpu": info.get("gpu")}
         for bench in part["benchmarks"]:
             bench = copy.deepcopy(bench)
-            bench.setdefault("extra_info", {}).update(quantgate_worker=tag["worker"], quantgate_gpu=tag["gpu"])
+            bench.setdefault("extra_info", {}).update({qs.WORKER_KEY: tag["worker"], qs.GPU_KEY: tag["gpu"]})
             merged["benchmarks"].append(bench)
-        pq = part["quantgate"]
-        q["verdicts"] += [{**v, **tag} for v in pq.get("verdicts", [])]
-        q["artifacts"] += pq.get("artifacts", [])
-        q["releases"] += [{**r, **tag} for r in pq.get("releases", [])]
-        q["timeouts"] += [{**t, **tag} for t in pq.get("timeouts", [])]
-        q["outcomes"].update({node: {**o, **tag} for node, o in pq.get("outcomes", {}).items()})
-        q["xdist"]["workers"].append({**tag, "benchmarks": len(part["benchmarks"]),
-                                      "tests": len(pq.get("outcomes", {})), "datetime": part.get("datetime"),
-                                      **({"killed_in": pq["partial"]["hung_test"]} if "partial" in pq else {})})
+        pq = part[SECTION]
+        for key in (qs.VERDICTS, qs.RELEASES, qs.TIMEOUTS):
+            q[key] += [{**record, **tag} for record in pq.get(key, [])]
+        q[qs.ARTIFACTS] += pq.get(qs.ARTIFACTS, [])
+        q[qs.OUTCOMES].update({node: {**o, **tag} for node, o in pq.get(qs.OUTCOMES, {}).items()})
+        q[qs.XDIST]["workers"].append({**tag, "benchmarks": len(part["benchmarks"]),
+                                       "tests": len(pq.get(qs.OUTCOMES, {})), "datetime": part.get("datetime"),
+                                       **({"killed_in": pq[qs.PARTIAL]["hung_test"]} if qs.PARTIAL in pq else {})})
     return merged
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def load_runs(paths: list[str | Path], allow_mixed_machines: bool = False) -> RunSet:
+    """Read one benchmark JSON, or merge several (``allow_mixed_machines``: as ``quantgate merge``'s
+    flag of that name), into a RunSet."""
+    data = load_benchmark_json(paths[0]) if len(paths) == 1 else \
+        merge_benchmark_json(list(paths), allow_mixed_machines=allow_mixed_machines)
+    return run_set(data, paths)

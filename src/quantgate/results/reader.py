@@ -1,5 +1,7 @@
 """Benchmark JSON files of quantgate runs, read into results a report or a comparison uses.
 
+One file is read here (``load_benchmark_json``, then ``run_set``); several are merged first by
+``quantgate.results.merge`` (its ``load_runs``), which imports this module, never the reverse.
 Older files (before verdicts and outcomes carried their case's attributes) are completed from
 the benchmarks of the same case id, and verdicts without one from the case id itself.
 """
@@ -15,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import ConfigFileError
+from quantgate.results import schema as qs
+from quantgate.results.schema import CASE_FIELDS, SCHEMA_VERSION, SECTION
 
-CASE_FIELDS = ("model", "source", "scheme", "variant", "batch", "device")
-
-
-# The layout of the "quantgate" section of a benchmark JSON. Raise it when a reader of the old
-# layout would misread the new one; files without the field are schema 1.
-SCHEMA_VERSION = 1
+__all__ = ["CASE_FIELDS", "SCHEMA_VERSION", "Result", "RunSet", "complete_verdicts", "load_benchmark_json",
+           "raw_rounds", "result_from_benchmark", "run_set"]
 
 
 def load_benchmark_json(path: str | Path) -> dict[str, Any]:
@@ -42,14 +42,14 @@ def load_benchmark_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ConfigFileError(path, "not a pytest-benchmark JSON (no 'benchmarks' list): give the file of "
                               "pytest --benchmark-json, run with the quantgate plugin")
-    if not isinstance(data.get("quantgate"), dict):
+    if not isinstance(data.get(SECTION), dict):
         raise ConfigFileError(path, "a pytest-benchmark JSON without a 'quantgate' section: not a benchmark "
                               "JSON written by a quantgate run (pytest --benchmark-json with the quantgate plugin)")
-    schema = data["quantgate"].get("schema", 1)
+    schema = data[SECTION].get(qs.SCHEMA, 1)
     if not isinstance(schema, int) or schema > SCHEMA_VERSION:
         from quantgate import __version__
 
-        raise ConfigFileError(path, f"written by quantgate {data['quantgate'].get('version')} with result schema "
+        raise ConfigFileError(path, f"written by quantgate {data[SECTION].get(qs.VERSION)} with result schema "
                               f"{schema!r}; this quantgate ({__version__}) reads schema {SCHEMA_VERSION} and older: "
                               "use the quantgate version that wrote it")
     if not isinstance(data.get("machine_info", {}), dict):
@@ -123,7 +123,7 @@ def result_from_benchmark(bench: dict[str, Any], part: int = 0) -> Result | None
     if "scope" not in e or "model" not in e:
         return None
     return Result(
-        part=e.get("quantgate_part", part), name=bench.get("fullname", bench["name"]), case_id=e.get("id", bench["name"]),
+        part=e.get(qs.PART_KEY, part), name=bench.get("fullname", bench["name"]), case_id=e.get("id", bench["name"]),
         scope=e["scope"], model=e["model"], source=e.get("source", ""), scheme=e.get("scheme", ""),
         variant=e.get("variant", ""), batch=int(e.get("batch", 1)), device=e.get("device", ""),
         hardware=e.get("hardware", ""), steps=e.get("num_inference_steps"), median=s["median"], min=s["min"],
@@ -197,19 +197,15 @@ def _node_case(node: str) -> str | None:
     return found.group(1) if found else None
 
 
-def load_runs(paths: list[str | Path], allow_mixed_machines: bool = False) -> RunSet:
-    """Read one benchmark JSON, or merge several (``allow_mixed_machines``: as ``quantgate merge``'s
-    flag of that name), into a RunSet."""
-    from quantgate.report.merge import merge_benchmark_json
-
-    data = load_benchmark_json(paths[0]) if len(paths) == 1 else \
-        merge_benchmark_json(list(paths), allow_mixed_machines=allow_mixed_machines)
+def run_set(data: dict[str, Any], paths: list[str | Path]) -> RunSet:
+    """The RunSet of ``data``: one benchmark JSON as ``load_benchmark_json`` returns it, or several
+    merged (``quantgate.results.merge``); ``paths`` are the files it came from."""
     results = [r for r in (result_from_benchmark(b) for b in data["benchmarks"]) if r is not None]
     ids = _case_ids(results)
-    q = data["quantgate"]
-    verdicts = complete_verdicts(q.get("verdicts", []), ids)
+    q = data[SECTION]
+    verdicts = complete_verdicts(q.get(qs.VERDICTS, []), ids)
     outcomes = []
-    for node, o in q.get("outcomes", {}).items():
+    for node, o in q.get(qs.OUTCOMES, {}).items():
         record = {"nodeid": node, **o}
         if "model" not in record:
             case = _node_case(node)
@@ -223,14 +219,15 @@ def load_runs(paths: list[str | Path], allow_mixed_machines: bool = False) -> Ru
         if "hardware" not in record and record.get("device"):  # runs before outcomes carried it
             record["hardware"] = "cpu" if record["device"] == "cpu" else data.get("machine_info", {}).get("hardware_class")
         outcomes.append(record)
-    parts = q.get("parts") or [{"file": Path(paths[0]).name, "datetime": data.get("datetime"),
-                                "commit": data.get("commit_info", {}).get("id"), "selection": q.get("selection")}]
-    return RunSet(data, results, verdicts, outcomes, q.get("releases", []), parts, q.get("artifacts", []),
-                  Path(paths[0]).parent, q.get("timeouts", []), dict(q.get("not_generated") or {}),
+    parts = q.get(qs.PARTS) or [{"file": Path(paths[0]).name, "datetime": data.get("datetime"),
+                                 "commit": data.get("commit_info", {}).get("id"), "selection": q.get(qs.SELECTION)}]
+    return RunSet(data, results, verdicts, outcomes, q.get(qs.RELEASES, []), parts, q.get(qs.ARTIFACTS, []),
+                  Path(paths[0]).parent, q.get(qs.TIMEOUTS, []), dict(q.get(qs.NOT_GENERATED) or {}),
                   _interruptions(q, paths))
 
 
 def _interruptions(q: dict[str, Any], paths: list[str | Path]) -> list[dict[str, Any]]:
     """Where each part of the run was stopped by Ctrl-C (``quantgate.interrupted``), with its file."""
-    found = [{**q["interrupted"], "file": str(paths[0])}] if q.get("interrupted") else []
-    return found + [{**p["interrupted"], "file": p.get("file")} for p in q.get("parts") or [] if p.get("interrupted")]
+    found = [{**q[qs.INTERRUPTED], "file": str(paths[0])}] if q.get(qs.INTERRUPTED) else []
+    return found + [{**p[qs.INTERRUPTED], "file": p.get("file")} for p in q.get(qs.PARTS) or []
+                    if p.get(qs.INTERRUPTED)]

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantgate.report.compare import NO_CHANGE, NOT_ENOUGH_DATA, judge_time, load_thresholds
-from quantgate.report.runs import load_benchmark_json, load_runs
+from quantgate.history.compare import NO_CHANGE, NOT_ENOUGH_DATA, judge_time, load_thresholds
+from quantgate.results import load_benchmark_json, load_runs
 
 
 def compare_spread(single: str | Path, spread: str | Path, single_wall_s: float | None = None,
@@ -70,13 +70,13 @@ def as_text(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m quantgate.report.spread SINGLE.json SPREAD.json [--walls S1 S2] [-o OUT.json]``;
+    """``python -m quantgate.history.spread SINGLE.json SPREAD.json [--walls S1 S2] [-o OUT.json]``;
     exit 1 when the results differ."""
     import argparse
 
     from quantgate.atomic import atomic_write_json
 
-    parser = argparse.ArgumentParser(prog="python -m quantgate.report.spread", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m quantgate.history.spread", description=__doc__)
     parser.add_argument("single", help="benchmark JSON of the one-process run")
     parser.add_argument("spread", help="benchmark JSON of the same selection with -n N (or merged shards)")
     parser.add_argument("--walls", nargs=2, type=float, metavar=("SINGLE_S", "SPREAD_S"), help="the two wall times")
