@@ -21,7 +21,7 @@ from typing import Any
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from quantgate.cli_gptq import _Context
+    from quantgate.cli.gptq import _Context
     from quantgate.errors import QuantgateError
     from quantgate.evaluation import EvalRequest, merge_into_benchmark, pipeline_generator, run_evaluation
     from quantgate.hardware import device_info

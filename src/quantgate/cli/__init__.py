@@ -323,22 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_env)
 
     # -- quantgate's own GPTQ W4A8 plan (calibrate, quantize, benchmark, samples) --
-    from quantgate.cli_gptq import add_gptq_parser
+    from quantgate.cli.gptq import add_gptq_parser
 
     add_gptq_parser(sub)
 
     # -- evaluation mode: FID and CLIP score over a caption set --
-    from quantgate.cli_eval import add_eval_parser
+    from quantgate.cli.eval import add_eval_parser
 
     add_eval_parser(sub)
 
     # -- plans: what one selects and how long it takes --
-    from quantgate.cli_plan import add_plan_parser
+    from quantgate.cli.plan import add_plan_parser
 
     add_plan_parser(sub)
 
     # -- disk caches: list, clear, LRU eviction --
-    from quantgate.cli_cache import add_cache_parser
+    from quantgate.cli.cache import add_cache_parser
 
     add_cache_parser(sub)
     return parser
