@@ -30,6 +30,14 @@ class ConfigFileError(QuantgateError, ValueError):
         super().__init__(f"{where}{what}: {message}")
 
 
+class OptionValueError(QuantgateError, ValueError):
+    """A command-line or ini option whose value cannot be used; the message names the option as given.
+
+    Raised by the helpers both the plugin and the CLI use (``quantgate.settings``): the plugin
+    turns it into ``pytest.UsageError``, the ``quantgate`` command prints it and exits 2.
+    """
+
+
 class SourceUnavailable(QuantgateError):
     """The weights a source needs are not on this machine; a test using them is skipped."""
 

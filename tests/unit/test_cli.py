@@ -91,3 +91,45 @@ def test_report_summary_and_regate_work_outside_the_repository(tmp_path, monkeyp
     assert main(["summary", run]) == 0
     assert main(["regate", run]) in (0, 1)  # a verdict, not a missing-file error
     assert "not found" not in capsys.readouterr().err
+
+
+def test_the_cli_does_not_import_the_plugin(tmp_path):
+    """The commands take what they share with the plugin from quantgate.settings: importing the
+    CLI, building its parser and running a command leave quantgate.plugin unimported."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    # `cache list` reads the default cache directory, which it once took from the plugin
+    code = ("import sys, contextlib, io; import quantgate.cli as cli; cli.build_parser(); "
+            "contextlib.redirect_stdout(io.StringIO()).__enter__(); code = cli.main(['cache', 'list']); "
+            "sys.stdout = sys.__stdout__; "
+            "print(code, sorted(m for m in sys.modules if m == 'quantgate.plugin' or m.endswith('_plugin')))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "QUANTGATE_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0 []", out.stdout
+
+
+def test_no_cli_module_imports_the_plugin_outside_a_pytest_hook():
+    """Statically: quantgate.plugin appears in no import of src/quantgate/cli/, except inside a
+    pytest_* hook (the plan command's collector, which runs inside the pytest session it starts,
+    where the plugin is loaded already)."""
+    import ast
+
+    from tests.conftest import REPO
+
+    found = []
+    for path in sorted((REPO / "src" / "quantgate" / "cli").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        hooks = {id(node) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) and fn.name.startswith("pytest_")
+                 for node in ast.walk(fn)}
+        for node in ast.walk(tree):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n == "quantgate.plugin" or n.startswith("quantgate.plugin.") for n in names) and id(node) not in hooks:
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, found
+    assert not (REPO / "src" / "quantgate" / "cli.py").exists()  # the package replaces the module

@@ -95,7 +95,7 @@ class Payload:
 
 
 def test_torch_load_is_weights_only_even_when_a_caller_asks_otherwise(tmp_path):
-    from quantgate.plugin.offline import enforce_offline
+    from quantgate.safe_loading import enforce_offline
 
     enforce_offline()  # what the plugin does at configure (already done for this session)
     path = tmp_path / "model.bin"

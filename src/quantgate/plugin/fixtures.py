@@ -18,7 +18,7 @@ from quantgate.plugin.bench import Bench
 from quantgate.plugin.session import QuantgateRun, run_of
 from quantgate.prompts import PromptSet
 from quantgate.records import Ratio, Records
-from quantgate.schemes import BASELINE
+from quantgate.settings import golden_settings
 
 
 @pytest.fixture(scope="session")
@@ -160,8 +160,7 @@ class QualityReference:
         return is_baseline(self.case)
 
     def _settings(self) -> dict[str, Any]:
-        # The weights' identity too: a golden set made from other weights is stale, not a reference.
-        return {"scheme": BASELINE, **self.case.call_kwargs(), "weights": self.loaded.source.detail}
+        return golden_settings(self.case, self.loaded.source.detail)  # shared with `quantgate golden`
 
     def _golden(self) -> Any:
         from quantgate.quality.golden import GoldenInvalid, GoldenMissing, load_golden

@@ -3,7 +3,6 @@ command-line value, else the ini key, else the plan's ``[options]``, else the de
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,26 +10,17 @@ from typing import Any
 import pytest
 
 from quantgate import options
-from quantgate.errors import ConfigFileError, UnknownNameError
+from quantgate.errors import ConfigFileError, OptionValueError, UnknownNameError
 from quantgate.measure.timing import (
     RoundPolicy,
 )
 from quantgate.models import get_model, model_names
 from quantgate.models.sources import AUTO
 from quantgate.plans import Plan, matrix
-from quantgate.prompts import PromptSet
 from quantgate.quant.calibration import CalibrationSettings
 from quantgate.schemes import get_scheme, scheme_names
+from quantgate.settings import calibration_settings, parse_resolution
 from quantgate.variants import VARIANTS, get_variant
-
-
-def default_cache_dir() -> Path:
-    """``$QUANTGATE_CACHE_DIR``, else ``$XDG_CACHE_HOME/quantgate``, else ``~/.cache/quantgate``."""
-    if os.environ.get("QUANTGATE_CACHE_DIR"):
-        return Path(os.environ["QUANTGATE_CACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "quantgate"
-
 
 # -- options --------------------------------------------------------------------------------
 
@@ -119,25 +109,18 @@ def _calibration(config: pytest.Config) -> CalibrationSettings:
     """Calibration settings from the options; the prompt file is read when a scheme needs it."""
     given = _option(config, "calibration-prompts")
     path = Path(given or config.rootpath / "fixtures" / "prompts" / "calibration.txt")
-    prompts: tuple[str, ...] = ()
-    if given or path.is_file():  # the default file may be absent where no scheme calibrates
-        try:
-            prompts = PromptSet.load(path).prompts
-        except ConfigFileError as exc:
-            raise pytest.UsageError(str(exc)) from None
-    seed = _int(_option(config, "seed"), "seed", 0) or 0
-    counts: dict[str, int] = {}
-    gpu = _option(config, "gpu-calibration-samples")
-    if gpu is not None:
-        counts["samples"] = _int(gpu, "gpu-calibration-samples", 1) or 1
-    samples = _option(config, "calibration-samples")
-    # Given on the command line or in the ini file it sets both tiers, over a plan's GPU count.
-    if samples is not None and (options.given(config, "calibration-samples") is not None or gpu is None):
-        n = _int(samples, "calibration-samples", 1) or 1
-        counts.update(samples=n, cpu_samples=n)
-    elif samples is not None:
-        counts["cpu_samples"] = _int(samples, "calibration-samples", 1) or 1
-    return CalibrationSettings(prompts, seed=seed, prompts_file=str(path), **counts)
+    gpu, samples = _option(config, "gpu-calibration-samples"), _option(config, "calibration-samples")
+    try:
+        # Shared with the CLI (quantgate.settings). A count given on the command line or in the
+        # ini file sets both tiers, over a plan's GPU count.
+        return calibration_settings(
+            path, seed=_int(_option(config, "seed"), "seed", 0) or 0,
+            samples=None if samples is None else _int(samples, "calibration-samples", 1),
+            gpu_samples=None if gpu is None else _int(gpu, "gpu-calibration-samples", 1),
+            samples_given=options.given(config, "calibration-samples") is not None,
+            required=bool(given))  # the default file may be absent where no scheme calibrates
+    except ConfigFileError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _plan(config: pytest.Config) -> Plan:
@@ -189,18 +172,10 @@ def _int(value: str | None, flag: str, minimum: int) -> int | None:
 
 
 def _resolution(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    parts = value.lower().split("x")
     try:
-        dims = [int(p) for p in parts]
-    except ValueError:
-        dims = []
-    if len(dims) == 1:
-        dims *= 2
-    if len(dims) != 2 or any(d <= 0 or d % 16 for d in dims):
-        raise pytest.UsageError(f"--quantgate-resolution must be N or HxW with multiples of 16, got {value!r}")
-    return dims[0], dims[1]
+        return parse_resolution(value)  # shared with the CLI (quantgate.settings)
+    except OptionValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _paths(values: list[str]) -> dict[str, Path]:

@@ -17,11 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from quantgate.settings import CACHE_DIR_HELP, RESOLUTION_HELP, default_device
+
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from quantgate.cli_gptq import _Context
+    from quantgate.cli.gptq import _Context
     from quantgate.errors import QuantgateError
     from quantgate.evaluation import EvalRequest, merge_into_benchmark, pipeline_generator, run_evaluation
     from quantgate.hardware import device_info
@@ -29,8 +29,7 @@ def _eval(args: argparse.Namespace) -> int:
     from quantgate.pipeline import weights_identity
     from quantgate.schemes import get_scheme
 
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = default_device(args.device)
     context = _Context(args)  # the same model/source/steps/resolution handling as `quantgate gptq`
     if args.path:  # --source path: the user's diffusers directory
         context.ctx = replace(context.ctx, paths={context.spec.name: Path(args.path).expanduser()})
@@ -54,7 +53,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_parser(sub: Any) -> None:
+def register(sub: Any) -> None:
     """Register ``quantgate eval`` on the CLI's subparsers."""
     from quantgate.quality.fid import FID_WEIGHTS_ENV, INCEPTION_FILE
     from quantgate.quality.perceptual import DEFAULT_CLIP_MODEL
@@ -78,10 +77,10 @@ def add_eval_parser(sub: Any) -> None:
                         "score meaningful")
     p.add_argument("--path", help="a diffusers directory of the model, for --source path")
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--cache-dir", help="default: $QUANTGATE_CACHE_DIR or ~/.cache/quantgate")
+    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
     p.add_argument("--steps", type=int, help="denoising steps (default: the model card's, 40 for sd35-medium)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the model card's, 4.5 for sd35-medium)")
-    p.add_argument("--resolution", help="N or HxW, multiples of 16 (default: the model card's, 1024 for sd35-medium)")
+    p.add_argument("--resolution", help=f"{RESOLUTION_HELP} (default: the model card's, 1024 for sd35-medium)")
     p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
                    help=f"CLIP checkpoint: a directory or a hub repo id in the offline HF cache (default: "
                         f"{DEFAULT_CLIP_MODEL})")

@@ -17,8 +17,19 @@ import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from quantgate.settings import (
+    CACHE_DIR_HELP,
+    RESOLUTION_HELP,
+    cache_dir,
+    calibration_settings,
+    default_device,
+    parse_resolution,
+)
+
+if TYPE_CHECKING:
+    from quantgate.quant.calibration import CalibrationSettings
 
 DEFAULT_BENCH_SCHEMES = "bf16,bnb-nf4,rtn-w4a8,gptq-w4a8"
 DEFAULT_SAMPLE_SCHEMES = "bf16,rtn-w4a8,gptq-w4a8"
@@ -29,47 +40,32 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="auto",
                    help="auto, hub, synthetic or tiny (default: auto: hub or synthetic on a GPU, tiny on the CPU)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--cache-dir", help="default: $QUANTGATE_CACHE_DIR or ~/.cache/quantgate")
+    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and of calibration (default: 0)")
     p.add_argument("--calibration-prompts", default="fixtures/prompts/calibration.txt",
                    help="calibration prompt file (default: fixtures/prompts/calibration.txt)")
     p.add_argument("--samples", type=int,
                    help="calibration samples, one image each (default: 256 on a GPU, 16 on the CPU)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model card's)")
-    p.add_argument("--resolution", help="N or HxW, multiples of 16 (default: the model card's)")
+    p.add_argument("--resolution", help=f"{RESOLUTION_HELP} (default: the model card's)")
 
 
 class _Context:
-    """What every step needs, built from the common options exactly as the pytest plugin builds it."""
+    """What every step needs, built from the common options as the pytest plugin builds them
+    (``quantgate.settings``)."""
 
     def __init__(self, args: argparse.Namespace):
-        import torch
-
         from quantgate.models import get_model
         from quantgate.models.sources import SourceContext, choose_source
-        from quantgate.plugin import default_cache_dir
 
         self.args = args
-        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(args.device)
         self.spec = get_model(args.model)
-        self.ctx = SourceContext(cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
-                                 seed=args.seed)
+        self.ctx = SourceContext(cache_dir=cache_dir(args.cache_dir), seed=args.seed)
         self.source = choose_source(args.source, self.spec, "cpu" if self.device == "cpu" else "cuda", self.ctx)
 
     def resolution(self) -> tuple[int, int] | None:
-        from quantgate.errors import QuantgateError
-
-        value = self.args.resolution
-        if value is None:
-            return None
-        try:
-            dims = [int(v) for v in value.lower().split("x")]
-        except ValueError:
-            dims = []
-        dims = dims * 2 if len(dims) == 1 else dims
-        if len(dims) != 2 or any(d <= 0 or d % 16 for d in dims):
-            raise QuantgateError(f"--resolution must be N or HxW with multiples of 16, got {value!r}")
-        return dims[0], dims[1]
+        return parse_resolution(self.args.resolution, "--resolution")
 
     def case(self, scheme: str):
         from quantgate.cases import Selection, make_case
@@ -78,17 +74,10 @@ class _Context:
                               resolution=self.resolution())
         return make_case(self.spec, self.source, scheme, "eager", 1, self.device, selection)
 
-    def calibration(self):
-        """The plugin's calibration settings for the same options (``quantgate.plugin._calibration``)."""
-        from quantgate.prompts import PromptSet
-        from quantgate.quant.calibration import CalibrationSettings
-
-        path = Path(self.args.calibration_prompts)
-        prompts = PromptSet.load(path).prompts
-        if self.args.samples is None:
-            return CalibrationSettings(prompts, seed=self.args.seed, prompts_file=str(path))
-        return CalibrationSettings(prompts, samples=self.args.samples, cpu_samples=self.args.samples,
-                                   seed=self.args.seed, prompts_file=str(path))
+    def calibration(self) -> CalibrationSettings:
+        """The plugin's calibration settings for the same options: ``--samples`` sets both tiers,
+        as ``--quantgate-calibration-samples`` does; the prompt file must exist."""
+        return calibration_settings(self.args.calibration_prompts, seed=self.args.seed, samples=self.args.samples)
 
     def load(self, scheme: str):
         from quantgate.pipeline import load_pipeline
@@ -186,7 +175,7 @@ def _samples(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_gptq_parser(sub: Any) -> None:
+def register(sub: Any) -> None:
     """Register ``quantgate gptq`` and its steps on the main parser's subcommands."""
     gptq = sub.add_parser("gptq", help="GPTQ W4A8: calibrate, quantize, benchmark, side-by-side samples",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

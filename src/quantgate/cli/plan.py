@@ -108,7 +108,8 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_plan_parser(sub: Any) -> None:
+def register(sub: Any) -> None:
+    """Register ``quantgate plan`` on the main parser's subcommands."""
     p = sub.add_parser("plan", help="what a plan (fixtures/plans/NAME.toml) selects and its expected time")
     p.add_argument("name", nargs="?", default="merge", help="a plan name or a .toml path (default: merge)")
     p.add_argument("--tier", choices=("gpu", "cpu"), default="gpu", help="which tier's cases (default: gpu)")

@@ -13,11 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
+from quantgate.settings import CACHE_DIR_HELP, cache_dir
+
 
 def _root(args: argparse.Namespace) -> Path:
-    from quantgate.plugin import default_cache_dir
-
-    return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    return cache_dir(args.cache_dir)
 
 
 def _what(args: argparse.Namespace) -> list[str] | None:
@@ -81,13 +81,13 @@ def _clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cache_parser(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Register ``quantgate cache list|clear``."""
     p = sub.add_parser("cache", help="list or clear what quantgate keeps on disk",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = p.add_subparsers(dest="verb", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cache-dir", help="default: $QUANTGATE_CACHE_DIR or ~/.cache/quantgate")
+    common.add_argument("--cache-dir", help=CACHE_DIR_HELP)
     common.add_argument("--what", help="comma-separated kinds: synthetic, calibration, quantized, lora, inductor, "
                                        "trash (default: all)")
     q = verbs.add_parser("list", parents=[common], help="entries per kind with sizes (-v: each entry and its age)")
