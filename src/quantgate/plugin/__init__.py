@@ -28,9 +28,10 @@ from quantgate.models import get_model, model_names
 from quantgate.plugin import hookspec
 from quantgate.plugin.bench import Bench
 from quantgate.plugin.fixtures import CaseGates
-from quantgate.plugin.options import add_options, default_cache_dir
+from quantgate.plugin.options import add_options
 from quantgate.plugin.session import _RUN_KEY, QuantgateRun, case_of, check_and_release, release, run_of
 from quantgate.schemes import get_scheme, scheme_markers
+from quantgate.settings import default_cache_dir
 from quantgate.sharding import pipeline_group
 
 # LoRA gates: the --quantgate-lora option and the lora fixtures live in their own plugin module.

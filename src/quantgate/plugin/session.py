@@ -37,12 +37,12 @@ from quantgate.plugin.options import (
     _plan,
     _resolution,
     _round_policy,
-    default_cache_dir,
 )
 from quantgate.prompts import PromptSet
 from quantgate.records import Records
 from quantgate.results import SCHEMA_VERSION
 from quantgate.schemes import get_scheme
+from quantgate.settings import default_cache_dir
 from quantgate.variants import get_variant
 
 _RUN_KEY = pytest.StashKey["QuantgateRun"]()
