@@ -106,6 +106,13 @@ def test_each_backend_file_gates_only_that_backends_schemes():
             assert backends == {name}, gate.where
 
 
+def test_no_file_lists_every_model_of_a_family_instead_of_the_family():
+    book = GateBook.load(GATES_DIR, VOCABULARY)
+    flux = {m for m in model_names() if m.startswith("flux")}
+    assert not [g.where for g in book.gates if set(g.selectors.get("model", ())) == flux]
+    assert [g for g in book.gates if g.selectors.get("family") == ("flux",)]
+
+
 def _dir(tmp_path, files):
     directory = tmp_path / "gates"
     directory.mkdir()
