@@ -11,7 +11,7 @@ from quantgate.applicability import not_the_baseline
 
 pytestmark = [pytest.mark.perf, pytest.mark.memory]
 
-# baseline scheme -> the suffix of its speedup metrics in gates.toml
+# baseline scheme -> the suffix of its speedup metrics in fixtures/gates/
 BASELINES = {"bf16": "bf16", "bnb-nf4": "nf4"}
 
 

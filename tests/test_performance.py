@@ -1,7 +1,7 @@
 """Speed claims: the transformer forward timed on its own, and speedups over bf16 and NF4.
 
 Timings are benchmark figures (pytest-benchmark, GPU synchronized, warm-up first); speed is
-gated only where fixtures/gates.toml names a gate, and only on GPUs.
+gated only where fixtures/gates/ names a gate, and only on GPUs.
 """
 
 import pytest
@@ -11,7 +11,7 @@ from quantgate.applicability import not_the_baseline
 
 pytestmark = [pytest.mark.perf]
 
-# baseline scheme -> the suffix of its speedup metrics in gates.toml
+# baseline scheme -> the suffix of its speedup metrics in fixtures/gates/
 BASELINES = {"bf16": "bf16", "bnb-nf4": "nf4"}
 
 

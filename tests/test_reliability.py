@@ -44,7 +44,7 @@ def gpu_session(pytester, tiny_cache, monkeypatch):
         out = pytester.path / "out.json"
         result = pytester.runpytest_subprocess(
             "-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}", "-m", "gpu", "--quantgate-source=tiny",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}", "-m", "gpu", "--quantgate-source=tiny",
             "--quantgate-models=flux-schnell", f"--quantgate-schemes={schemes}", "--quantgate-rounds=2",
             "--quantgate-warmup=1", f"--benchmark-json={out}", "-rA", *extra, timeout=300)
         alive = [json.loads(line) for line in (pytester.path / "alive.jsonl").read_text().splitlines()]

@@ -45,9 +45,9 @@ class Case:
         return f"{self.model}-{self.source}-{self.scheme}-{self.variant}-b{self.batch}-{self.device}"
 
     def gate_attrs(self, hardware: str) -> dict[str, Any]:
-        """The attributes gates.toml selectors match against."""
-        return {"model": self.model, "source": self.source, "scheme": self.scheme, "variant": self.variant,
-                "batch": self.batch, "hardware": hardware}
+        """The attributes the selectors of fixtures/gates/ match against (``family``: the model's)."""
+        return {"model": self.model, "family": get_model(self.model).family, "source": self.source,
+                "scheme": self.scheme, "variant": self.variant, "batch": self.batch, "hardware": hardware}
 
     def call_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline's ``__call__`` (besides prompts and generator)."""
@@ -141,14 +141,16 @@ def plan_cases(plan: Any, test: str | None, selection: Selection, choose_source:
 
 
 def selector_vocabulary() -> dict[str, list[Any]]:
-    """The valid value of each attribute a gates.toml selector matches, from the registries."""
+    """The valid value of each attribute a gates selector matches, from the registries (``family``:
+    the families of the registered models)."""
     from quantgate.hardware import HARDWARE_CLASSES
     from quantgate.models import model_names
     from quantgate.schemes import scheme_names
     from quantgate.variants import VARIANTS
 
-    return {"model": model_names(), "scheme": scheme_names(), "source": list(SOURCES),
-            "variant": list(VARIANTS), "hardware": list(HARDWARE_CLASSES)}
+    return {"model": model_names(), "family": sorted({get_model(m).family for m in model_names()}),
+            "scheme": scheme_names(), "source": list(SOURCES), "variant": list(VARIANTS),
+            "hardware": list(HARDWARE_CLASSES)}
 
 
 def case_attrs_from_id(case_id: str) -> dict[str, Any] | None:

@@ -1,15 +1,21 @@
-"""Gates: every threshold the suite enforces, read from ``fixtures/gates.toml``.
+"""Gates: every threshold the suite enforces, read from ``fixtures/gates/`` (one file per backend).
 
 A gate is a ``[[gate]]`` table: the ``metric`` it bounds, optional selectors (``model``,
-``source``, ``scheme``, ``variant``, ``batch``, ``hardware``, ``budget``; each a value or a list of
-values), ``min`` and/or ``max``, and ``why``: where the number comes from. A case uses the
-most specific gate whose selectors all match it (per-hardware overrides are simply more
-specific gates); two matching gates of equal specificity are an error, never a coin flip.
+``family``, ``source``, ``scheme``, ``variant``, ``batch``, ``hardware``, ``budget``; each a value
+or a list of values), ``min`` and/or ``max``, and ``why``: where the number comes from. A case
+uses the most specific gate whose selectors all match it (per-hardware overrides are simply
+more specific gates); two matching gates of equal specificity are an error, never a coin flip.
 A failure message shows measured vs required, the gate's file and line, and its ``why``.
+
+A gates path is one TOML file or a directory of them (every ``*.toml`` in it, in sorted order,
+read as one book): ``fixtures/gates/<backend>.toml`` for each scheme backend, ``harness.toml``
+for the gates of no one scheme and ``shared.toml`` for gates naming schemes of several backends.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import re
 from collections.abc import Collection, Mapping
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantgate.errors import ConfigFileError
+from quantgate.errors import ConfigFileError, UnknownNameError
 from quantgate.tomlfiles import read_toml, table_lines
 
 
@@ -131,8 +137,10 @@ METRICS: dict[str, Metric] = {
              "over this case's median, same batch"),
 }
 
-SELECTORS: dict[str, type] = {"model": str, "source": str, "scheme": str, "variant": str, "batch": int,
-                              "hardware": str, "budget": str}  # budget: --quantgate-gpu-budget as "16GiB"
+SELECTORS: dict[str, type] = {"model": str, "family": str, "source": str, "scheme": str, "variant": str,
+                              "batch": int, "hardware": str,
+                              "budget": str}  # budget: --quantgate-gpu-budget as "16GiB"
+# family: the model registry's family of the case's model ("flux", "sd3"), for gates its models share.
 _GATE_KEYS = {"metric", "min", "max", "why", *SELECTORS}
 
 
@@ -232,34 +240,26 @@ class Verdict:
 
 @dataclass
 class GateBook:
-    """All gates of one file, with lookup by metric and case attributes."""
+    """All gates of one file or one directory of files, with lookup by metric and case attributes."""
 
     path: Path
     gates: list[Gate] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # the files read, in order (``path`` itself for a file)
 
     @classmethod
     def load(cls, path: str | Path, vocabulary: Mapping[str, Collection[Any]] | None = None,
              option: str = "--quantgate-gates") -> GateBook:
-        """Read and validate ``path``; ``vocabulary`` lists the valid value of each selector; ``option``
-        is the flag that names another file (the plugin's, or a CLI command's ``--gates``).
+        """Read and validate ``path``, a gates file or a directory of them (every ``*.toml`` in it, in
+        sorted order); ``vocabulary`` lists the valid value of each selector; ``option`` is the flag
+        that names another path (the plugin's, or a CLI command's ``--gates``).
 
-        Raises ConfigFileError naming the file, line and key of the first problem.
+        Raises ConfigFileError naming the file, line and key of the first problem; a gate that
+        duplicates another (same metric and selectors), in the same file or another, is one.
         """
         path = Path(path)
-        data, text = read_toml(path, "gates file", f"gates file not found (pass {option} FILE)")
-        unknown = set(data) - {"gate"}
-        if unknown:
-            key = sorted(unknown)[0]
-            raise ConfigFileError(path, f"unknown top-level key {key!r}; gates are [[gate]] tables",
-                                  line=_line_of(text, rf"^\s*\[?\[?\s*{re.escape(key)}\b"), key=key)
-        raw_gates = data.get("gate", [])
-        if not isinstance(raw_gates, list):
-            raise ConfigFileError(path, "'gate' must be an array of tables ([[gate]])", key="gate")
-        lines = table_lines(text, "gate")
-        book = cls(path=path)
-        for index, raw in enumerate(raw_gates):
-            line = lines[index] if index < len(lines) else None
-            book.gates.append(_parse_gate(raw, path, line, vocabulary or {}))
+        book = cls(path=path, files=gate_files(path, option))
+        for file in book.files:
+            book.gates.extend(_load_file(file, vocabulary or {}, option))
         book._check_duplicates()
         return book
 
@@ -268,24 +268,91 @@ class GateBook:
         for gate in self.gates:
             key = (gate.metric, tuple(sorted((k, tuple(sorted(map(str, v)))) for k, v in gate.selectors.items())))
             if key in seen:
-                raise ConfigFileError(self.path, f"duplicates the gate at line {seen[key].line} "
-                                      f"(same metric and selectors)", line=gate.line, key=gate.metric)
+                first = seen[key]
+                where = f"line {first.line}" if first.path == gate.path else first.where
+                raise ConfigFileError(gate.path, f"duplicates the gate at {where} (same metric and selectors)",
+                                      line=gate.line, key=gate.metric)
             seen[key] = gate
 
     def lookup(self, metric: str, attrs: Mapping[str, Any]) -> Gate | None:
-        """The most specific gate for ``metric`` matching ``attrs``, or None if there is none."""
+        """The most specific gate for ``metric`` matching ``attrs``, or None if there is none.
+
+        Attributes without a ``family`` (the records of runs before the selector) take the
+        family of their ``model`` from the model registry.
+        """
         if metric not in METRICS:
             raise KeyError(f"unknown metric {metric!r}; known: {', '.join(sorted(METRICS))}")
+        attrs = with_family(attrs)
         candidates = [g for g in self.gates if g.metric == metric and g.matches(attrs)]
         if not candidates:
             return None
         best = max(g.specificity for g in candidates)
         top = [g for g in candidates if g.specificity == best]
         if len(top) > 1:
-            lines = ", ".join(str(g.line) for g in top)
-            raise ConfigFileError(self.path, f"gates at lines {lines} match the same case equally well "
+            one_file = len({g.path for g in top}) == 1
+            lines = ", ".join(str(g.line) if one_file else g.where for g in top)
+            raise ConfigFileError(top[0].path, f"gates at lines {lines} match the same case equally well "
                                   f"({dict(attrs)}); make one more specific", line=top[0].line, key=metric)
         return top[0]
+
+
+def gate_files(path: Path, option: str = "--quantgate-gates") -> list[Path]:
+    """The files a gates path stands for: the file itself, or a directory's ``*.toml`` sorted by name."""
+    if not path.is_dir():
+        return [path]  # read_toml says what is wrong with a missing or unreadable one
+    files = sorted(p for p in path.glob("*.toml") if p.is_file())
+    if not files:
+        raise ConfigFileError(path, f"gates directory holds no *.toml file (pass {option} FILE or DIRECTORY)")
+    return files
+
+
+def gates_digest(path: str | Path) -> str:
+    """The sha256 a run records for its gates (``gates_sha256``): of the file's bytes, or, for a
+    directory, over its ``*.toml`` files sorted by name, each as its name relative to the
+    directory, a NUL, its length in bytes, a NUL and its bytes. A missing path digests as empty."""
+    path = Path(path)
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.glob("*.toml") if p.is_file()):
+            data = file.read_bytes()
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0" + str(len(data)).encode() + b"\0")
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def with_family(attrs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``attrs`` with the ``family`` of its ``model`` added where it has none (and the model is known)."""
+    if "family" in attrs or not isinstance(attrs.get("model"), str):
+        return attrs
+    family = _family_of(attrs["model"])
+    return attrs if family is None else {**attrs, "family": family}
+
+
+@functools.cache
+def _family_of(model: str) -> str | None:
+    from quantgate.models import get_model
+
+    try:
+        return get_model(model).family
+    except UnknownNameError:
+        return None
+
+
+def _load_file(path: Path, vocabulary: Mapping[str, Collection[Any]], option: str) -> list[Gate]:
+    data, text = read_toml(path, "gates file", f"gates file not found (pass {option} FILE or DIRECTORY)")
+    unknown = set(data) - {"gate"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigFileError(path, f"unknown top-level key {key!r}; gates are [[gate]] tables",
+                              line=_line_of(text, rf"^\s*\[?\[?\s*{re.escape(key)}\b"), key=key)
+    raw_gates = data.get("gate", [])
+    if not isinstance(raw_gates, list):
+        raise ConfigFileError(path, "'gate' must be an array of tables ([[gate]])", key="gate")
+    lines = table_lines(text, "gate")
+    return [_parse_gate(raw, path, lines[index] if index < len(lines) else None, vocabulary)
+            for index, raw in enumerate(raw_gates)]
 
 
 def _line_of(text: str, pattern: str) -> int | None:

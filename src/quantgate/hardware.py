@@ -13,7 +13,7 @@ import torch
 
 import quantgate
 
-# Compute capability -> the hardware class that gates.toml selects on. Speed thresholds
+# Compute capability -> the hardware class that the gates (fixtures/gates/) select on. Speed thresholds
 # differ per class (an RTX 4090 and an H100 do not share them), memory ones rarely.
 _CAPABILITY_CLASSES: dict[tuple[int, int], str] = {
     (7, 5): "turing",
@@ -45,7 +45,7 @@ TRACKED_LIBRARIES: tuple[str, ...] = (
 
 
 def hardware_class(capability: tuple[int, int] | None) -> str:
-    """The gates.toml hardware class of a CUDA compute capability (``None`` means CPU)."""
+    """The gates' hardware class of a CUDA compute capability (``None`` means CPU)."""
     if capability is None:
         return "cpu"
     return _CAPABILITY_CLASSES.get(tuple(capability), "other-gpu")  # type: ignore[arg-type]

@@ -39,7 +39,7 @@ HISTORY = REPO / "tests" / "fixtures" / "history"
 @pytest.fixture
 def args(tiny_cache):
     return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}",
             f"--quantgate-prompts={REPO / 'fixtures' / 'prompts' / 'gate.txt'}"]
 
 

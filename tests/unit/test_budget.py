@@ -85,7 +85,7 @@ def test_the_cap_makes_a_case_that_needs_more_than_the_budget_run_out_of_memory(
 
 
 def test_the_budget_gate_fails_a_case_that_exceeded_the_budget_with_measured_vs_required():
-    book = GateBook.load(REPO / "fixtures" / "gates.toml")
+    book = GateBook.load(REPO / "fixtures" / "gates")
     attrs = {"model": "flux-schnell", "source": "synthetic", "scheme": "svdquant-ref", "variant": "eager",
              "batch": 1, "hardware": "hopper", "budget": "16GiB"}
     gate = book.lookup("gpu_budget_fraction_used", attrs)
@@ -100,7 +100,7 @@ def test_the_budget_gate_fails_a_case_that_exceeded_the_budget_with_measured_vs_
 @pytest.fixture
 def args(tiny_cache):
     return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}",
             f"--quantgate-prompts={REPO / 'fixtures' / 'prompts' / 'gate.txt'}"]
 
 

@@ -58,7 +58,7 @@ def test_hints_name_flags_the_command_has(tmp_path, capsys):
 
     assert main(["regate", str(REPO / "tests" / "fixtures" / "history" / "cpu-4-steps.json"), "--gates",
                  str(tmp_path / "absent.toml")]) == 2
-    assert "gates file not found (pass --gates FILE)" in capsys.readouterr().err
+    assert "gates file not found (pass --gates FILE or DIRECTORY)" in capsys.readouterr().err
 
     # two runs from different machines: report and summary take the flag their refusal names
     a, b = REPO / "tests" / "fixtures" / "history" / "cpu-4-steps.json", \

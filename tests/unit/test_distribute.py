@@ -52,7 +52,7 @@ def test_second(case):
 @pytest.fixture
 def args(tiny_cache):
     return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}",
             f"--quantgate-prompts={REPO / 'fixtures' / 'prompts' / 'gate.txt'}"]
 
 
@@ -224,7 +224,7 @@ def spread_runs(tmp_path_factory, tiny_cache):
     probes = root / "probes"
     probes.mkdir()
     common = [sys.executable, "-m", "pytest", "-p", "quantgate.plugin", "-p", "no:cacheprovider",
-              f"--quantgate-cache-dir={tiny_cache}", f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}",
+              f"--quantgate-cache-dir={tiny_cache}", f"--quantgate-gates={REPO / 'fixtures' / 'gates'}",
               f"--quantgate-prompts={REPO / 'fixtures' / 'prompts' / 'gate.txt'}",
               *_selection("bf16", "int8-wo")]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

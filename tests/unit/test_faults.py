@@ -29,7 +29,7 @@ def session(pytester, tiny_cache, monkeypatch):
     pytester.makeconftest(FAULTS_CONFTEST + KEEPS_EXCEPTIONS)
     pytester.makepyfile(test_cases=CASE_TESTS)
     base = ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}", "-m", "cpu", "-rA",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}", "-m", "cpu", "-rA",
             "--quantgate-models=flux-schnell", "--quantgate-rounds=1", "--quantgate-warmup=0",
             f"--benchmark-json={pytester.path / 'out.json'}"]
 

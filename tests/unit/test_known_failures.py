@@ -72,7 +72,7 @@ def test_a_known_failure_skips_with_its_evidence_and_runs_on_request(pytester, t
                       .replace('"r"', '"hangs here"').replace('"e"', '"reports/x"'))
     pytester.makepyfile("def test_e2e(case, pipeline):\n    assert pipeline\n")
     args = ("-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}", "-m", "cpu", "-rs",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}", "-m", "cpu", "-rs",
             "--quantgate-models=flux-schnell", "--quantgate-schemes=bf16",
             f"--quantgate-known-failures={pytester.path / 'known.toml'}")
     result = pytester.runpytest(*args)

@@ -28,7 +28,7 @@ def test_with_a_lora(case, lora_source):
 @pytest.fixture
 def args(tiny_cache):
     return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}", "--quantgate-models=flux-schnell",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}", "--quantgate-models=flux-schnell",
             "--quantgate-schemes=bf16,int8-wo", "-m", "cpu"]
 
 

@@ -88,7 +88,7 @@ def test_offload_variants_are_not_generated_on_the_cpu_tier_and_say_why(pytester
     pytester.makepyfile("def test_e2e(case, pipeline):\n    assert pipeline\n")
     result = pytester.runpytest("-p", "quantgate.plugin", "-p", "no:cacheprovider",
                                 f"--quantgate-cache-dir={tiny_cache}",
-                                f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}", "-m", "cpu", "-rs",
+                                f"--quantgate-gates={REPO / 'fixtures' / 'gates'}", "-m", "cpu", "-rs",
                                 "--quantgate-models=flux-schnell", "--quantgate-schemes=bf16",
                                 "--quantgate-variants=model-offload")
     result.assert_outcomes()

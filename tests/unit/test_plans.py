@@ -99,7 +99,7 @@ def test_calibration(quantgate_run):
 
 def _args(tiny_cache):
     return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}", "-m", "cpu or not (cpu or gpu)"]
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}", "-m", "cpu or not (cpu or gpu)"]
 
 
 def test_a_plan_generates_exactly_its_pairs_and_its_options_are_defaults(pytester, tiny_cache):

@@ -29,7 +29,7 @@ def test_e2e(case, pipeline, bench, prompts, gates):
 @pytest.fixture
 def args(tiny_cache):
     return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}",
             f"--quantgate-prompts={REPO / 'fixtures' / 'prompts' / 'gate.txt'}"]
 
 
@@ -125,7 +125,7 @@ def test_the_cpu_tier_writes_a_benchmark_json_with_quantgate_records(pytester, a
     assert machine["libraries"]["diffusers"] and machine["hardware_class"] in ("cpu", "hopper", "ada", "ampere")
     quantgate = data["quantgate"]
     (verdict,) = quantgate["verdicts"]
-    assert verdict["passed"] and verdict["value"] == 1.0 and "gates.toml" in verdict["gate"]
+    assert verdict["passed"] and verdict["value"] == 1.0 and "/fixtures/gates/bf16.toml:" in verdict["gate"]
     assert not [o for o in quantgate["outcomes"].values() if o["outcome"] == "skipped"]
     assert quantgate["not_generated"]["schemes that run only on cuda: not on the cpu tier"] == 1  # bnb-nf4
 

@@ -1,5 +1,5 @@
 """`quantgate regate`: a finished run's measured values against the gates as they are now, and
-the committed GPU evidence under reports/ against fixtures/gates.toml."""
+the committed GPU evidence under reports/ against fixtures/gates/."""
 
 import json
 
@@ -86,7 +86,7 @@ def _committed_runs():
 def test_no_value_the_committed_gpu_runs_passed_fails_the_current_gates():
     """A gate tightened past the evidence committed under reports/ must come with new evidence
     (a new run) rather than silently turn yesterday's passing GPU run into a failure."""
-    book = load_gates(REPO / "fixtures" / "gates.toml")
+    book = load_gates(REPO / "fixtures" / "gates")
     runs = list(_committed_runs())
     assert runs, "no quantgate benchmark JSON under reports/"
     broken = [f"{path.relative_to(REPO)}: {row.now.message}" for path, data in runs

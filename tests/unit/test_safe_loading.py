@@ -77,7 +77,7 @@ def test_last():
     pytester.makepyfile(check)
     # diffusers is imported before the plugin, as a conftest or another plugin might do
     result = pytester.runpytest_subprocess("-p", "diffusers", "-p", "quantgate.plugin", "-p", "no:cacheprovider",
-                                           "--quantgate-gates", str(_repo() / "fixtures" / "gates.toml"))
+                                           "--quantgate-gates", str(_repo() / "fixtures" / "gates"))
     result.assert_outcomes(passed=2)
 
 

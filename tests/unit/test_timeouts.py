@@ -46,7 +46,7 @@ CASE = "flux-schnell-tiny-bf16-eager-b1-cpu"
 def args(pytester, tiny_cache, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")
     return ["-p", "quantgate.plugin", "-p", "no:cacheprovider", f"--quantgate-cache-dir={tiny_cache}",
-            f"--quantgate-gates={REPO / 'fixtures' / 'gates.toml'}", "-m", "cpu", "-rA",
+            f"--quantgate-gates={REPO / 'fixtures' / 'gates'}", "-m", "cpu", "-rA",
             "--quantgate-models=flux-schnell", "--quantgate-schemes=bf16", "--quantgate-case-timeout=1",
             f"--benchmark-json={pytester.path / 'out.json'}"]
 

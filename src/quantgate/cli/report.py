@@ -141,7 +141,7 @@ def _regate(args: argparse.Namespace) -> int:
     from quantgate.history.regate import as_text, exit_code, load_gates, recheck_run
     from quantgate.results import load_benchmark_json
 
-    book = load_gates(args.gates or shipped("gates.toml", "fixtures/gates.toml"))
+    book = load_gates(args.gates or shipped("gates", "fixtures/gates"))
     rows = [row for path in args.runs for row in recheck_run(str(path), load_benchmark_json(path), book)]
     print(as_text(rows, changed_only=args.changed), end="")
     return exit_code(rows)
@@ -197,6 +197,6 @@ def register(sub: Any) -> None:
     p = sub.add_parser("regate", help="re-check a run's measured values against the current gates; exit 1 on a failure")
     p.add_argument("runs", nargs="+", help="benchmark JSON files written by quantgate runs")
     p.add_argument("--gates", default=None,
-                   help="the gates file (default: fixtures/gates.toml here, else the one shipped with quantgate)")
+                   help="a gates file or directory (default: fixtures/gates here, else the one shipped with quantgate)")
     p.add_argument("--changed", action="store_true", help="list only values whose verdict differs from the run's own")
     p.set_defaults(func=_regate)
