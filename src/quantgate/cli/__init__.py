@@ -9,7 +9,7 @@
     quantgate summary BENCH.json          the report's Markdown twin on standard output
     quantgate compare OLD.json NEW.json   rank test of each case's rounds across commits; exit 1 on a regression
     quantgate merge A.json B.json -o M    join runs split over several commands into one JSON
-    quantgate regate RUN.json [--changed] a run's measured values against the current gates.toml
+    quantgate regate RUN.json [--changed] a run's measured values against the current gates
     quantgate gptq calibrate|quantize|benchmark|samples MODEL
                                           the GPTQ W4A8 plan, step by step (--help on each)
     quantgate eval MODEL --captions F --reference-dir D --out O

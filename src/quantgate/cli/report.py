@@ -4,7 +4,7 @@
     quantgate summary BENCH.json          the report's Markdown twin on standard output
     quantgate compare OLD.json NEW.json   rank test of each case's rounds across commits; exit 1 on a regression
     quantgate merge A.json B.json -o M    join runs split over several commands into one JSON
-    quantgate regate RUN.json [--changed] a run's measured values against the current gates.toml
+    quantgate regate RUN.json [--changed] a run's measured values against the current gates
 
 The claims, gates and compare thresholds default to the repository's ``fixtures/`` files where
 the command runs, else to the copies shipped in the package (``quantgate/data``).
@@ -27,7 +27,7 @@ def shipped(name: str, relative: str) -> Path:
     """``relative`` (a repository data file) where the command runs, else the copy shipped in the
     package (``quantgate/data/NAME``), so that the commands work outside the repository."""
     here = Path(relative)
-    if here.is_file():
+    if here.exists():  # a file, or a directory of them (fixtures/gates/)
         return here
     from importlib.resources import files
 

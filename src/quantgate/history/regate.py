@@ -1,7 +1,7 @@
 """Re-check a finished run's measured values against the gates as they are now (no GPU needed).
 
 A run's JSON keeps every gated and ungated value it measured (``quantgate.verdicts``, with the
-case attributes the selectors match on). When ``gates.toml`` changes — a new gate, a tightened
+case attributes the selectors match on). When the gates (``fixtures/gates/``) change — a new gate, a tightened
 bound — ``quantgate regate RUN.json`` says what that run would get today, so a threshold can be
 checked against the GPU evidence already committed before it blocks anyone's merge.
 """
@@ -19,7 +19,7 @@ from quantgate.results.reader import complete_verdicts
 from quantgate.results.schema import SECTION, VERDICTS
 
 # The case attributes every verdict record carries; a record also carries the session's
-# ``budget`` when it ran under --quantgate-gpu-budget (the other selector of gates.toml).
+# ``budget`` when it ran under --quantgate-gpu-budget (the other selector of the gates).
 SELECTOR_KEYS = ("model", "source", "scheme", "variant", "batch", "hardware")
 
 

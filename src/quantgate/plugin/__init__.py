@@ -9,7 +9,7 @@ Tests read as the claims they check; the machinery lives here:
   consecutively, and it is released (with a leak check) when the next test needs another.
 - ``bench``: times a callable through pytest-benchmark (GPU synchronized, warm-up rounds)
   and records case, footprint and peak memory in ``extra_info``.
-- ``gates``: checks a measured value against ``fixtures/gates.toml``.
+- ``gates``: checks a measured value against ``fixtures/gates/``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "batch": ("comma-separated batch sizes (default: 1)", "1"),
     "source": ("weights source for the GPU tier: auto, hub, path, synthetic, tiny (default: auto)", AUTO),
     "cache-dir": ("quantgate's cache (synthetic weights...); default $QUANTGATE_CACHE_DIR or ~/.cache/quantgate", None),
-    "gates": ("gates file (default: <rootdir>/fixtures/gates.toml)", None),
+    "gates": ("gates file or directory (default: <rootdir>/fixtures/gates)", None),
     "known-failures": ("cases known to fail on a given stack, skipped with their evidence "
                        "(default: <rootdir>/fixtures/known_failures.toml)", None),
     "prompts": ("prompt file (default: <rootdir>/fixtures/prompts/gate.txt)", None),

@@ -3,7 +3,6 @@ releases between groups of tests."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import pytest
 from quantgate import __version__, options, ordering
 from quantgate.cases import Case, Selection, selector_vocabulary
 from quantgate.errors import ConfigFileError, SourceInvalid, UnknownNameError
-from quantgate.gates import GateBook
+from quantgate.gates import GateBook, gates_digest
 from quantgate.hardware import DeviceInfo, cuda_available, device_info, no_cuda_reason
 from quantgate.known_failures import KnownFailures
 from quantgate.measure.flops import bf16_matmul_peak_tflops
@@ -130,7 +129,7 @@ class QuantgateRun:
                     problems.append(str(exc))
             if problems:
                 raise pytest.UsageError("\n".join(problems))
-        gates_path = _display_path(Path(_option(config, "gates") or config.rootpath / "fixtures" / "gates.toml"))
+        gates_path = _display_path(Path(_option(config, "gates") or config.rootpath / "fixtures" / "gates"))
         try:
             gates = GateBook.load(gates_path, selector_vocabulary())
             known = KnownFailures.load(_display_path(Path(_option(config, "known-failures")
@@ -270,12 +269,11 @@ class QuantgateRun:
 
     def summary(self) -> dict[str, Any]:
         """What quantgate adds to the benchmark JSON."""
-        gates_bytes = self.gates.path.read_bytes() if self.gates.path.is_file() else b""
         return {
             "version": __version__,
             "schema": SCHEMA_VERSION,  # bad-inputs: a reader refuses a newer layout by name
             "gates_file": str(self.gates.path),
-            "gates_sha256": hashlib.sha256(gates_bytes).hexdigest(),
+            "gates_sha256": gates_digest(self.gates.path),
             "selection": {"models": list(self.selection.models), "schemes": list(self.selection.schemes),
                           "variants": list(self.selection.variants), "batches": list(self.selection.batches),
                           "source": self.selection.source, "steps": self.selection.steps,

@@ -183,7 +183,7 @@ def _gates(runs: RunSet) -> Section:
                                           f"<= {format_value(v['max'], unit)}" if v["max"] is not None else "") if b)
         verdict = {True: "pass", False: "FAIL", None: "no gate"}[v["passed"]]
         rows.append([v["case"], v["metric"], format_value(v["value"], unit), bounds or "–", verdict,
-                     v["gate"] or "–", v.get("why") or "measured, no gate in gates.toml"])
+                     v["gate"] or "–", v.get("why") or "measured, no gate in fixtures/gates"])
         classes.append({True: "pass", False: "fail", None: "skip"}[v["passed"]])
     if not rows:
         return Section("Gates", [Paragraph("No gate was checked in these runs.")])
