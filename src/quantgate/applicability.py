@@ -99,10 +99,10 @@ def all_of(*conditions: Condition) -> Condition:
 
 
 def gpu_budget_set(case: Case, params: Mapping[str, Any], config: Any = None) -> str | None:
-    """Claims for a smaller card: only under --quantgate-gpu-budget."""
-    from quantgate.plugin.budget import session_budget
+    """Claims for a smaller card: only under --quantgate-gpu-budget (the command line, ini or plan)."""
+    from quantgate import options  # the option's value, not the plugin that parses it
 
-    return None if config is None or session_budget(config) is not None else \
+    return None if config is None or options.value(config, "gpu-budget") else \
         "needs --quantgate-gpu-budget (a smaller card's claims)"
 
 
