@@ -395,12 +395,15 @@ class SmoothStats:
         self.generator = torch.Generator().manual_seed(seed)
 
     def update(self, x: torch.Tensor) -> None:
+        # Never waits for the device: the running max is folded on the inputs' device, the
+        # reservoir's draws come from a CPU generator, and rows are copied by Python-int index
+        # (device-to-device). Index tensors built from Python lists would be host-to-device
+        # copies, each a stream synchronization, for every layer at every forward.
         rows = x.detach().reshape(-1, x.shape[-1])
         self.channels.update(rows)
         if not self.capacity:
             return
         picks = torch.randperm(rows.shape[0], generator=self.generator)[: self.per_call].tolist()
-        src, dst = [], []
         for row in picks:
             self.seen += 1
             if self.filled < self.capacity:
@@ -409,11 +412,8 @@ class SmoothStats:
                 slot = int(torch.randint(self.seen, (1,), generator=self.generator))
                 if slot >= self.capacity:
                     continue
-            src.append(row)
-            dst.append(slot)
-        if src:
-            self.sample[torch.tensor(dst, device=self.sample.device)] = \
-                rows[torch.tensor(src, device=rows.device)].to(torch.bfloat16)
+            # In draw order, so a slot drawn twice in one call keeps the later row (Algorithm R).
+            self.sample[slot] = rows[row].to(torch.bfloat16)
 
     @property
     def absmax(self) -> torch.Tensor:
