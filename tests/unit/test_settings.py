@@ -43,12 +43,10 @@ def test_the_cli_names_its_own_flag():
 
 @pytest.mark.parametrize("value", [None, "512", "768x1024", "500", "abc", "512x512x512", "0"])
 def test_resolution_matches_the_plugin_s_own_parser(value):
-    """The plugin keeps its copy until it switches to this module: same result, same message."""
-    from quantgate import plugin
+    """The plugin's option reader wraps this parser: same result, same message as a usage error."""
+    from quantgate.plugin import options as plugin
 
-    theirs = getattr(plugin, "_resolution", None)
-    if theirs is None:
-        pytest.skip("the plugin uses quantgate.settings now")
+    theirs = plugin._resolution
     try:
         expected = theirs(value)
     except pytest.UsageError as exc:
@@ -177,10 +175,9 @@ def test_an_optional_prompt_file_that_is_missing_gives_no_prompts(tmp_path):
 def test_calibration_settings_match_the_plugin_s(pytestconfig, monkeypatch, tmp_path, given):
     """The plugin's own _calibration, on this session's config (and its plan, whose GPU count
     applies where no option overrides it) with these options, gives equal settings: equal cache keys."""
-    from quantgate import options, plugin
+    from quantgate import options
+    from quantgate.plugin import options as plugin
 
-    if not hasattr(plugin, "_calibration"):
-        pytest.skip("the plugin uses quantgate.settings now")
     prompts = tmp_path / "calibration.txt"
     prompts.write_text("a red cube\na blue sphere\n")
     monkeypatch.setattr(pytestconfig.option, "quantgate_calibration_prompts", str(prompts))
