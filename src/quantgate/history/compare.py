@@ -47,8 +47,9 @@ FIGURES: dict[str, tuple[str, int]] = {
     "denoiser_footprint_bytes": ("transformer footprint", -1),
     "peak_allocated_bytes": ("peak allocated", -1),
 }
-# Gate metrics derived from timings are noisy; their inputs are compared as times instead.
-_TIME_DERIVED = ("speedup", "timing")
+# Gate metrics derived from timings (speedups, overheads, the GPU's busy share) are noisy; their
+# inputs are compared as times instead, with the rank test.
+_TIME_DERIVED = ("speedup", "timing", "overhead", "gpu_busy")
 # machine_info fields whose difference the comparison lists (libraries: each of machine_info's
 # "libraries", torch, diffusers, torchao...; cpu: its brand). Only hardware_class refuses.
 MACHINE_KEYS = ("gpu", "hardware_class", "nvidia_driver", "cuda_runtime", "cpu", "python_version", "quantgate")
