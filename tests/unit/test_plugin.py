@@ -261,7 +261,9 @@ def test_a_sub_plugin_extends_the_json_section_through_the_declared_hook(pyteste
 def pytest_quantgate_json_section(config, section, output_json):
     section["mine"] = {"keys": sorted(section)[:3], "benchmarks": len(output_json["benchmarks"])}
 """)
-    pytester.makepyfile("def test_plain():\n    assert True\n")
+    # a harness test (no case): the session only has to run for pytest-benchmark to write its JSON
+    pytester.makepyfile("def test_the_hook_is_declared(pytestconfig):\n"
+                        "    assert pytestconfig.pluginmanager.hook.pytest_quantgate_json_section.spec is not None\n")
     out = pytester.path / "out.json"
     result = pytester.runpytest(*args, "-m", "not gpu", f"--benchmark-json={out}")
     result.assert_outcomes(passed=1)

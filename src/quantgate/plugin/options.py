@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -21,6 +21,8 @@ from quantgate.quant.calibration import CalibrationSettings
 from quantgate.schemes import get_scheme, scheme_names
 from quantgate.settings import calibration_settings, parse_resolution
 from quantgate.variants import VARIANTS, get_variant
+
+T = TypeVar("T", int, float)
 
 # -- options --------------------------------------------------------------------------------
 
@@ -40,8 +42,9 @@ _OPTIONS: dict[str, tuple[str, str | None]] = {
     "prompts": ("prompt file (default: <rootdir>/fixtures/prompts/gate.txt)", None),
     "rounds": ("timed rounds per benchmark (default: 3)", "3"),
     "warmup": ("untimed warm-up rounds before them (default: 1)", "1"),
-    "round-budget": ("seconds of timed rounds a GPU benchmark may take beyond --quantgate-rounds, to bring the "
-                     "median's 95 percent confidence interval within --quantgate-ci-target (default: 3; 0: fixed rounds)",
+    "round-budget": ("seconds a GPU benchmark's timed rounds may take in all: past --quantgate-rounds it takes more "
+                     "only within them, until the median's 95 percent confidence interval is within "
+                     "--quantgate-ci-target (default: 3; 0: fixed rounds)",
                      "3"),
     "max-rounds": ("most timed rounds a GPU benchmark takes (default: 30)", "30"),
     "ci-target": ("relative half-width of the median's 95 percent confidence interval at which a GPU benchmark stops "
@@ -86,14 +89,22 @@ def _option(config: pytest.Config, name: str) -> str | None:
     return options.value(config, name, _OPTIONS[name][1])
 
 
-def _float(value: str | None, name: str, minimum: float) -> float:
+def number(value: str | None, flag: str, cast: Callable[[str], T], kind: str, minimum: float) -> T | None:
+    """``value`` of ``--quantgate-FLAG`` as ``cast`` gives it (None stays None); a usage error
+    saying it must be ``kind``, or at least ``minimum``, otherwise. Every numeric option reads so."""
+    if value is None:
+        return None
     try:
-        number = float(value or 0)
+        parsed = cast(value)
     except ValueError:
-        raise pytest.UsageError(f"--quantgate-{name} must be a number, got {value!r}") from None
-    if not number >= minimum:
-        raise pytest.UsageError(f"--quantgate-{name} must be at least {minimum:g}, got {value!r}")
-    return number
+        raise pytest.UsageError(f"--quantgate-{flag} must be {kind}, got {value!r}") from None
+    if not parsed >= minimum:  # NaN too
+        raise pytest.UsageError(f"--quantgate-{flag} must be >= {minimum:g}, got {value}")
+    return parsed
+
+
+def _float(value: str | None, name: str, minimum: float) -> float:
+    return number(value, name, float, "a number", minimum) or 0.0
 
 
 def _round_policy(config: pytest.Config) -> RoundPolicy:
@@ -160,15 +171,7 @@ def _names(value: str | None, valid: Sequence[str], kind: str, lookup: Callable[
 
 
 def _int(value: str | None, flag: str, minimum: int) -> int | None:
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise pytest.UsageError(f"--quantgate-{flag} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise pytest.UsageError(f"--quantgate-{flag} must be >= {minimum}, got {number}")
-    return number
+    return number(value, flag, int, "an integer", minimum)
 
 
 def _resolution(value: str | None) -> tuple[int, int] | None:

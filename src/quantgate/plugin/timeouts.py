@@ -40,6 +40,8 @@ from typing import Any
 
 import pytest
 
+from quantgate.plugin.options import number
+
 DEFAULT_BUDGET_S = 7200.0  # generous: the longest legitimate step (a FLUX.1-dev calibration) is under an hour
 DEFAULT_GRACE_S = 60.0
 
@@ -71,15 +73,9 @@ def _value(config: pytest.Config, name: str) -> str | None:
 
 
 def _seconds(config: pytest.Config, name: str, default: float) -> float:
-    raw = _value(config, name)
-    if raw is None:
+    seconds = number(_value(config, name), name, float, "a number of seconds", 0)
+    if seconds is None:
         return default
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise pytest.UsageError(f"--quantgate-{name} must be a number of seconds, got {raw!r}") from None
-    if seconds < 0:
-        raise pytest.UsageError(f"--quantgate-{name} must be >= 0, got {raw}")
     return seconds
 
 
