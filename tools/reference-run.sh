@@ -11,5 +11,9 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 { nvidia-smi || true; df -h /tmp . || true; python3 -c 'import json, quantgate.hardware as h; print(json.dumps(h.machine_facts(), indent=1))'; } > "$out/environment.txt" 2>&1
-QUANTGATE_COMMIT=${QUANTGATE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} python3 -m pytest -m gpu --benchmark-json="$out/benchmark.json" "$@" 2>&1 | tee "$out/pytest.log"
+# progress.log: the same lines, each prefixed with the seconds since the start, so a run cut
+# short still shows where its time went (the JSON's phases are written only at the end).
+stamp() { local t0=$SECONDS line; while IFS= read -r line; do printf '%5ds %s\n' "$((SECONDS - t0))" "$line"; done; }
+QUANTGATE_COMMIT=${QUANTGATE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} python3 -m pytest -m gpu --benchmark-json="$out/benchmark.json" "$@" 2>&1 \
+  | tee "$out/pytest.log" >(stamp > "$out/progress.log")
 exit "${PIPESTATUS[0]}"
