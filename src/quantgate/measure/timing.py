@@ -198,16 +198,17 @@ class CompilesInTimedRounds:
 
     def __call__(self) -> T:
         if self.calls == self.warmup_rounds:
-            self.start = _compiled_graphs()
+            self.start = compiled_graphs()
         self.calls += 1
         try:
             return self.fn()
         finally:
             if self.start is not None:
-                self.count = _compiled_graphs() - self.start
+                self.count = compiled_graphs() - self.start
 
 
-def _compiled_graphs() -> int:
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its ``unique_graphs`` counter)."""
     import torch._dynamo.utils
 
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])

@@ -15,6 +15,7 @@ from quantgate.measure.timing import (
     CompilesInTimedRounds,
     EventClock,
     RoundPolicy,
+    compiled_graphs,
     extend_rounds,
     gpu_busy_seconds,
     pedantic,
@@ -44,12 +45,13 @@ class Bench:
         """
         case, run = self.case, self.run
         self.benchmark.group = f"{case.model}/{case.source}/{scope}/b{case.batch}/{case.device}"
-        breaks_before = _graph_breaks()
+        breaks_before, graphs_before = _graph_breaks(), compiled_graphs()
         start = time.perf_counter()
         with run.phases.phase("compiling" if case.variant == "compile" else "timed_rounds"):
             fn()
             synchronize(case.device)
         first_call = time.perf_counter() - start
+        graphs_in_first_call = compiled_graphs() - graphs_before
         events = EventClock(fn, case.device, skip=run.warmup_rounds)
         compiles = CompilesInTimedRounds(events, warmup_rounds=run.warmup_rounds)
         state_before = gpu_state.read(case.device)
@@ -83,6 +85,9 @@ class Bench:
             "warmup_rounds": run.warmup_rounds,
             **spread,
             "first_call_seconds": round(first_call, 4),
+            # Graphs dynamo compiled in the first call: 0 for an eager path, or for a compiled one
+            # whose graphs an earlier test of the session compiled (its first call is then short).
+            "dynamo_graphs_in_first_call": graphs_in_first_call,
             "dynamo_graph_breaks": _graph_breaks() - breaks_before,
             "dynamo_compiles_in_timed_rounds": compiles.count,
             "denoiser_flops_per_call": flops,
