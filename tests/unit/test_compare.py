@@ -11,6 +11,7 @@ import pytest
 from quantgate.cli import main
 from quantgate.errors import ConfigFileError, QuantgateError
 from quantgate.history.compare import (
+    HOST_BOUND,
     IMPROVEMENT,
     NO_CHANGE,
     NOT_ENOUGH_DATA,
@@ -43,14 +44,14 @@ def _rounds(seed, count=15, scale=1.0, noise=0.005, median=0.2):
     return [median * scale * (1 + rng.gauss(0, noise)) for _ in range(count)]
 
 
-def _bench(case, scope, data, where="stats"):
+def _bench(case, scope, data, where="stats", more=None):
     q1, _, q3 = statistics.quantiles(data, n=4) if len(data) > 1 else (data[0],) * 3
     stats = {"min": min(data), "max": max(data), "mean": statistics.fmean(data), "median": statistics.median(data),
              "q1": q1, "q3": q3, "iqr": q3 - q1, "stddev": statistics.stdev(data) if len(data) > 1 else 0.0,
              "rounds": len(data), "iterations": 1}
     extra = {"id": case, "scope": scope, "model": "flux-schnell", "source": "synthetic", "scheme": case.split("-")[3],
              "variant": "eager", "batch": 1, "device": "cuda", "hardware": "hopper",
-             "denoiser_footprint_bytes": 6323671168}
+             "denoiser_footprint_bytes": 6323671168, **(more or {})}
     if where == "stats":
         stats["data"] = list(data)
     elif where == "extra_info":
@@ -60,21 +61,22 @@ def _bench(case, scope, data, where="stats"):
             "extra_info": extra}
 
 
-def _run(tmp_path, label, rounds_by_case, machine=None, where="stats"):
-    """A benchmark JSON of one run: ``rounds_by_case`` maps (case, scope) to its rounds."""
+def _run(tmp_path, label, rounds_by_case, machine=None, where="stats", extra=None):
+    """A benchmark JSON of one run: ``rounds_by_case`` maps (case, scope) to its rounds; ``extra``
+    is added to every benchmark's extra_info."""
     data = {"datetime": "2026-12-03T10:00:00+00:00", "commit_info": {"id": f"{label}-0000000"},
             "machine_info": {**H200, **(machine or {})},
-            "benchmarks": [_bench(case, scope, rounds, where) for (case, scope), rounds in rounds_by_case.items()],
+            "benchmarks": [_bench(case, scope, rounds, where, extra) for (case, scope), rounds in rounds_by_case.items()],
             "quantgate": {"version": "0.1.0", "schema": 1, "verdicts": [], "outcomes": {}}}
     path = tmp_path / f"{label}.json"
     path.write_text(json.dumps(data))
     return path
 
 
-def _compare(tmp_path, base_rounds, new_rounds, **kwargs):
+def _compare(tmp_path, base_rounds, new_rounds, base_extra=None, new_extra=None, **kwargs):
     key = (CASES[0], "transformer")
-    base = load_runs([_run(tmp_path, "base", {key: base_rounds})])
-    new = load_runs([_run(tmp_path, "new", {key: new_rounds})])
+    base = load_runs([_run(tmp_path, "base", {key: base_rounds}, extra=base_extra)])
+    new = load_runs([_run(tmp_path, "new", {key: new_rounds}, extra=new_extra)])
     comparison = compare_runs(base, new, **kwargs)
     (change,) = comparison.times
     return comparison, change
@@ -114,6 +116,52 @@ def test_a_significant_move_within_the_tolerance_is_no_change(tmp_path):
     assert tolerance > 0.025  # the file's default; this shift is below it
     assert change.verdict == NO_CHANGE and change.test.p_value < 1e-4
     assert f"within the {tolerance * 100:g}% tolerance" in change.decided_by
+
+
+def test_a_move_whose_interval_reaches_into_the_tolerance_decides_nothing(tmp_path):
+    """Significant and 6% slower on the medians, but noisy enough that the ratio's 95% interval
+    reaches below 1.05: as a speedup gate passes on its interval's lower bound, a regression
+    needs the whole interval beyond the tolerance (the 2026-12-04 H200 A/A pair had two such)."""
+    comparison, change = _compare(tmp_path, _rounds(1, noise=0.03), _rounds(6, noise=0.03, scale=1.06))
+    assert change.test.p_value < load_thresholds().alpha and change.ratio > 1.05
+    assert change.interval[0] <= 1.05 < change.interval[1]
+    assert change.verdict == NO_CHANGE and exit_code(comparison) == 0
+    assert "but its 95% interval reaches within the 5% tolerance" in change.decided_by
+    # the same move measured tightly is a regression
+    assert _compare(tmp_path, _rounds(1), _rounds(2, scale=1.08))[1].verdict == REGRESSION
+
+
+def test_a_launch_bound_slowdown_with_unchanged_gpu_work_is_host_bound(tmp_path):
+    """Measured on an H200 (same commit, same machine): an SD3.5 LoRA forward at batch 1 went from
+    92 to 173 ms while its kernels took 49.0 and 49.3 ms: the host's launching moved."""
+    lb = {"launch_bound": True, "gpu_busy_fraction": 0.53, "gpu_busy_seconds": 0.0490}
+    slow = {"launch_bound": True, "gpu_busy_fraction": 0.28, "gpu_busy_seconds": 0.0493}
+    comparison, change = _compare(tmp_path, _rounds(1, median=0.092), _rounds(2, median=0.173), lb, slow)
+    assert change.verdict == HOST_BOUND and exit_code(comparison) == 0 and not comparison.regressions
+    assert "its kernels took 49.0 -> 49.3 ms (+0.6%), within the 5% tolerance" in change.decided_by
+    assert "1 host-bound" in as_text(comparison)
+    # on a quiet dedicated runner the wall time is judged anyway
+    judged, change = _compare(tmp_path, _rounds(1, median=0.092), _rounds(2, median=0.173), lb, slow,
+                              judge_host_bound=True)
+    assert change.verdict == REGRESSION and exit_code(judged) == 1 and "--judge-host-bound" in change.decided_by
+    # the GPU's work moved too: a regression, however launch bound
+    heavier = {**slow, "gpu_busy_seconds": 0.0900}
+    assert _compare(tmp_path, _rounds(1, median=0.092), _rounds(2, median=0.173), lb, heavier)[1].verdict == REGRESSION
+    # a GPU-bound path is judged on its wall time
+    bound = {"launch_bound": False, "gpu_busy_fraction": 0.97, "gpu_busy_seconds": 0.089}
+    assert _compare(tmp_path, _rounds(1, median=0.092), _rounds(2, median=0.173), bound,
+                    {**bound, "gpu_busy_seconds": 0.090})[1].verdict == REGRESSION
+
+
+def test_the_command_passes_judge_host_bound(tmp_path, capsys):
+    lb = {"launch_bound": True, "gpu_busy_fraction": 0.5, "gpu_busy_seconds": 0.05}
+    key = (CASES[0], "transformer")
+    base = _run(tmp_path, "base", {key: _rounds(1, median=0.1)}, extra=lb)
+    new = _run(tmp_path, "new", {key: _rounds(2, median=0.2)}, extra=lb)
+    assert main(["compare", str(base), str(new)]) == 0
+    assert "HOST-BOUND" in capsys.readouterr().out
+    assert main(["compare", str(base), str(new), "--judge-host-bound"]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
 
 
 def test_exact_test_for_small_samples(tmp_path):

@@ -104,7 +104,7 @@ def _compare(args: argparse.Namespace) -> int:
     comparison = compare_runs(base, new, tolerance=fraction(args.tolerance),
                               figure_tolerance=fraction(args.memory_tolerance), alpha=args.alpha, thresholds=thresholds,
                               allow_cross_hardware=args.allow_cross_hardware, base_label=base_label,
-                              new_label=new_label)
+                              new_label=new_label, judge_host_bound=args.judge_host_bound)
     for label, runs in ((base_label, base), (new_label, new)):
         for stop in runs.interrupted:  # a partial run compares fewer cases; say so before the verdict
             print(f"note: {label} is partial: interrupted (Ctrl-C) in {stop.get('in_test')} after "
@@ -181,6 +181,9 @@ def register(sub: Any) -> None:
                    help="percent a median must move, significantly, to count (default: the thresholds file's)")
     p.add_argument("--memory-tolerance", type=float, default=None,
                    help="percent memory and quality figures may move (default: the thresholds file's)")
+    p.add_argument("--judge-host-bound", action="store_true",
+                   help="judge launch-bound paths on their wall time even where their GPU work did not move (by "
+                        "default such a move is 'host-bound': the host CPU's launching, not a regression)")
     p.add_argument("--allow-cross-hardware", action="store_true", help="compare runs from different GPU classes")
     p.add_argument("-o", "--output", help="directory for compare.html (with trend plots) and compare.md")
     p.set_defaults(func=_compare)

@@ -12,8 +12,14 @@ Mann-Whitney U test of the two runs' rounds (exact null distribution for small s
 ties, else the tie-corrected normal approximation: ``quantgate.measure.stats``) and the ratio of
 medians new/base with its seeded bootstrap 95% interval. The verdict is
 
-- "regression": p < alpha and the median slower by more than the tolerance;
-- "improvement": p < alpha and the median faster by more than the tolerance;
+- "regression": p < alpha and the median slower by more than the tolerance, with the whole
+  95% interval of the ratio beyond it (as the speedup gates pass on their interval's lower
+  bound: a move the interval cannot tell from the tolerance decides nothing);
+- "improvement": the same, faster;
+- "host-bound": a regression or improvement of a launch-bound path (``launch_bound`` on either
+  side) whose GPU work (``gpu_busy_seconds``) moved within the tolerance: the host launching
+  the kernels changed, not what the GPU did. It does not fail the comparison unless
+  ``judge_host_bound`` (``--judge-host-bound``, for a quiet dedicated runner) is set;
 - "no change": otherwise (the runs cannot be told apart, or they can and the move is within
   the tolerance);
 - "not enough data": too few rounds for the test to reach alpha whatever the timings. With m
@@ -55,7 +61,8 @@ _TIME_DERIVED = ("speedup", "timing", "overhead", "gpu_busy")
 MACHINE_KEYS = ("gpu", "hardware_class", "nvidia_driver", "cuda_runtime", "cpu", "python_version", "quantgate")
 
 REGRESSION, IMPROVEMENT, NO_CHANGE, NOT_ENOUGH_DATA = "regression", "improvement", "no change", "not enough data"
-VERDICTS = (REGRESSION, IMPROVEMENT, NOT_ENOUGH_DATA, NO_CHANGE)  # the order a reader wants them in
+HOST_BOUND = "host-bound"
+VERDICTS = (REGRESSION, IMPROVEMENT, HOST_BOUND, NOT_ENOUGH_DATA, NO_CHANGE)  # the order a reader wants them in
 THRESHOLDS_FILE = "compare.toml"
 
 
@@ -224,9 +231,38 @@ def judge_time(base: Result, new: Result, tolerance: float, alpha: float) -> Tim
     if abs(relative) <= tolerance:
         return TimeChange(key, base, new, NO_CHANGE, f"{stat}: p < alpha {alpha:g} but the median moved "
                           f"{relative:+.1%}, within the {_percent(tolerance)} tolerance", test, ratio, interval)
+    if interval is not None and (interval[0] <= 1 + tolerance if relative > 0 else interval[1] >= 1 - tolerance):
+        return TimeChange(key, base, new, NO_CHANGE, f"{stat}: p < alpha {alpha:g} and the median moved "
+                          f"{relative:+.1%}, but its 95% interval reaches within the {_percent(tolerance)} tolerance",
+                          test, ratio, interval)
     verdict, how = (REGRESSION, "slower") if relative > 0 else (IMPROVEMENT, "faster")
     return TimeChange(key, base, new, verdict, f"{stat}: p < alpha {alpha:g} and {abs(relative):.1%} {how}, beyond "
                       f"the {_percent(tolerance)} tolerance", test, ratio, interval)
+
+
+def host_bound(change: TimeChange, tolerance: float, judge: bool = False) -> TimeChange:
+    """``change`` re-judged where its path is launch bound: a wall-time move whose GPU work stayed
+    within ``tolerance`` is "host-bound" (the host's launching moved), unless ``judge``."""
+    if change.verdict not in (REGRESSION, IMPROVEMENT):
+        return change
+    b, n = change.base.extra, change.new.extra
+    busy = b.get("gpu_busy_seconds"), n.get("gpu_busy_seconds")
+    if not (b.get("launch_bound") or n.get("launch_bound")) or not all(
+            isinstance(x, (int, float)) and x > 0 for x in busy):
+        return change
+    moved = busy[1] / busy[0] - 1
+    shares = "/".join(f"{x:.0%}" if isinstance(x, (int, float)) else "?" for x in
+                      (b.get("gpu_busy_fraction"), n.get("gpu_busy_fraction")))
+    note = (f"; launch bound (the GPU busy {shares} of a call): its kernels took {busy[0] * 1e3:.1f} -> "
+            f"{busy[1] * 1e3:.1f} ms ({moved:+.1%})")
+    if abs(moved) > tolerance:
+        return replace(change, decided_by=f"{change.decided_by}{note}, beyond the tolerance: the GPU's work moved too")
+    if judge:
+        return replace(change, decided_by=f"{change.decided_by}{note}, within the tolerance; judged on the wall time "
+                       "(--judge-host-bound)")
+    return replace(change, verdict=HOST_BOUND, decided_by=f"{change.decided_by}{note}, within the "
+                   f"{_percent(tolerance)} tolerance: the host launching the kernels moved, not the GPU's work "
+                   "(not a regression; --judge-host-bound counts it, for a quiet dedicated runner)")
 
 
 def _judge_figure(label: str, direction: int, base: float, new: float, tolerance: float) -> tuple[str, str]:
@@ -262,9 +298,10 @@ def machine_differences(base: RunSet, new: RunSet) -> list[str]:
 
 def compare_runs(base: RunSet, new: RunSet, *, tolerance: float | None = None, figure_tolerance: float | None = None,
                  alpha: float | None = None, thresholds: Thresholds | None = None, allow_cross_hardware: bool = False,
-                 base_label: str = "base", new_label: str = "new") -> Comparison:
+                 base_label: str = "base", new_label: str = "new", judge_host_bound: bool = False) -> Comparison:
     """Compare every case the two runs share. ``thresholds`` default to the shipped compare.toml;
-    ``tolerance``, ``figure_tolerance`` (fractions) and ``alpha``, when given, replace its values."""
+    ``tolerance``, ``figure_tolerance`` (fractions) and ``alpha``, when given, replace its values.
+    ``judge_host_bound`` judges launch-bound paths on their wall time alone (see :func:`host_bound`)."""
     limits = (thresholds or load_thresholds()).but(alpha=alpha, tolerance=tolerance, memory_tolerance=figure_tolerance)
     hardware = (base.machine.get("hardware_class"), new.machine.get("hardware_class"))
     if hardware[0] != hardware[1] and not allow_cross_hardware:
@@ -276,7 +313,8 @@ def compare_runs(base: RunSet, new: RunSet, *, tolerance: float | None = None, f
     result.only_in_new = sorted(f"{k[0]} ({k[1]})" for k in now.keys() - old.keys())
     for key in sorted(old.keys() & now.keys()):
         b, n = old[key], now[key]
-        result.times.append(judge_time(b, n, limits.tolerance, limits.alpha))
+        result.times.append(host_bound(judge_time(b, n, limits.tolerance, limits.alpha), limits.tolerance,
+                                       judge_host_bound))
         for name in FIGURES:
             vb, vn = b.extra.get(name), n.extra.get(name)
             if isinstance(vb, (int, float)) and isinstance(vn, (int, float)):
@@ -365,7 +403,9 @@ def rule(comparison: Comparison) -> str:
     t = comparison.thresholds or load_thresholds()
     return (f"Timings: two-sided Mann-Whitney U test of the two runs' rounds and the bootstrap 95% interval of the "
             f"ratio of medians new/base; a regression (improvement) needs p < {t.alpha:g} and a median more than "
-            f"{_percent(t.tolerance)} slower (faster); with fewer rounds than the test needs to reach p < {t.alpha:g} "
+            f"{_percent(t.tolerance)} slower (faster), with the interval wholly beyond that; a launch-bound path whose "
+            f"GPU work moved within the tolerance is \"host-bound\", not a regression; with fewer rounds than the "
+            f"test needs to reach p < {t.alpha:g} "
             f"(3 and 3 rounds: p >= 0.1) the verdict is \"not enough data\". Memory and quality figures: "
             f"{_percent(t.memory_tolerance)} tolerance. Thresholds from {t.path or 'the caller'}.")
 
@@ -374,7 +414,9 @@ def summary(comparison: Comparison) -> str:
     counts = {v: sum(c.verdict == v for c in comparison.times) for v in VERDICTS}
     figures = sum(c.verdict == REGRESSION for c in comparison.figures)
     return (f"{len(comparison.regressions)} regression(s) ({counts[REGRESSION]} timing, {figures} memory or quality); "
-            f"timings: {counts[IMPROVEMENT]} improvement(s), {counts[NO_CHANGE]} no change, "
+            f"timings: {counts[IMPROVEMENT]} improvement(s), "
+            + (f"{counts[HOST_BOUND]} host-bound, " if counts[HOST_BOUND] else "")
+            + f"{counts[NO_CHANGE]} no change, "
             f"{counts[NOT_ENOUGH_DATA]} not enough data")
 
 

@@ -4,6 +4,7 @@ with trend plots when a history is given."""
 from __future__ import annotations
 
 from quantgate.history.compare import (
+    HOST_BOUND,
     IMPROVEMENT,
     NO_CHANGE,
     NOT_ENOUGH_DATA,
@@ -20,7 +21,7 @@ from quantgate.results import RunSet
 
 def render(comparison: Comparison, history: list[tuple[str, RunSet]] | None = None, title: str = "quantgate compare"):
     """The comparison as a report Document (tables; trend plots when a history is given)."""
-    classes = {REGRESSION: "fail", IMPROVEMENT: "pass", NO_CHANGE: "", NOT_ENOUGH_DATA: "skip"}
+    classes = {REGRESSION: "fail", IMPROVEMENT: "pass", NO_CHANGE: "", NOT_ENOUGH_DATA: "skip", HOST_BOUND: "skip"}
     rows = [[f"{c.key[0]} ({c.key[1]})", f"{c.base.median:.4g}", f"{c.new.median:.4g}", f"{c.relative:+.1%}",
              f"{c.rounds[0]} / {c.rounds[1]}", c.verdict, c.decided_by] for c in comparison.times]
     moved = [c for c in comparison.figures if c.base != c.new]
