@@ -13,7 +13,7 @@ import pytest
 
 from quantgate.applicability import scheme_detail, scheme_marked
 from quantgate.models import get_model
-from quantgate.quant.w4a8 import W4A8Linear, path_counts
+from quantgate.quant.w4a8 import W4A8Linear, kernel_choice, path_counts
 from quantgate.schemes import get_scheme
 
 pytestmark = [pytest.mark.quality, pytest.mark.per_pipeline]
@@ -44,7 +44,8 @@ def test_gptq_error_is_below_round_to_nearest(case, records, gates):
 @pytest.mark.applies.with_args(scheme_marked("gptq", "W4A8 layers"))
 def test_w4a8_layers_take_the_paths_the_notes_announce(case, request):
     """One transformer forward: on a GPU every per-channel block linear with more than 16 rows runs the
-    INT8 GEMM and the per-image and grouped ones dequantize; on the CPU every layer is simulated.
+    INT8 GEMM and the per-image and grouped ones dequantize (with QUANTGATE_W4A8_KERNEL=triton every
+    layer the Triton kernels take runs them); on the CPU every layer is simulated.
 
     What each layer did is written into the pipeline's notes, so the benchmark records that follow carry it.
     """
@@ -58,7 +59,9 @@ def test_w4a8_layers_take_the_paths_the_notes_announce(case, request):
     per_image = re.compile(get_model(case.model).per_image_linears)
     expected = {}
     for name, layer in layers.items():
-        if case.device == "cpu":
+        if kernel_choice() == "triton" and layer.triton_serves(case.device):
+            expected[name] = "triton"  # QUANTGATE_W4A8_KERNEL=triton asked for quantgate's kernels
+        elif case.device == "cpu":
             expected[name] = "simulated"
         else:
             expected[name] = "dequant" if per_image.fullmatch(name) or layer.groups > 1 else "int8_gemm"

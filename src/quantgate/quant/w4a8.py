@@ -23,6 +23,13 @@ Forward, by path (each call is counted in ``path_calls``):
   W4A8 function up to bf16 rounding.
 - ``simulated`` (any other device, the CPU tier): the same function in float32:
   dequantized INT8 activations times the dequantized 4-bit weight.
+- ``triton`` (opt-in: ``QUANTGATE_W4A8_KERNEL=triton``): quantgate's own Triton kernels
+  (:mod:`quantgate.quant.w4a8_triton`): a fused per-token quantizer, then one INT4 x INT8 GEMM
+  that unpacks the weight in its loads, accumulates each group in INT32 and applies the scales
+  and bias in its epilogue: any row count, per-channel or grouped scales. On CUDA it needs
+  sm_80 or later; on the CPU it runs only under ``TRITON_INTERPRET=1`` (how the CPU tier checks
+  it). It is not the default until a GPU run has timed it; where it cannot run, the layer takes
+  the path it would have taken without it.
 
 Checkpoints: ``save_layers``/``load_layers`` write and read every quantized layer's buffers in
 one safetensors file next to a small JSON config.
@@ -31,6 +38,7 @@ one safetensors file next to a small JSON config.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +54,16 @@ FORMAT = "quantgate-w4a8"
 FORMAT_VERSION = 1
 SYMMETRIC_OFFSET = 8  # a symmetric 4-bit value v in [-7, 7] is stored as the code v + 8
 INT_MM_MIN_ROWS = 17  # torch._int_mm needs more than 16 rows on CUDA
+KERNEL_ENV = "QUANTGATE_W4A8_KERNEL"
+KERNELS = ("torch", "triton")
+
+
+def kernel_choice() -> str:
+    """The W4A8 kernel family asked for through ``QUANTGATE_W4A8_KERNEL`` (default "torch")."""
+    choice = os.environ.get(KERNEL_ENV, "torch").strip().lower() or "torch"
+    if choice not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: choose one of {', '.join(KERNELS)}")
+    return choice
 
 
 class W4A8Linear(nn.Module):
@@ -110,6 +128,8 @@ class W4A8Linear(nn.Module):
 
     def path(self, rows: int, device: torch.device) -> str:
         """Which computation serves an input of ``rows`` rows on ``device`` (see the module doc)."""
+        if kernel_choice() == "triton" and self.triton_serves(device):
+            return "triton"
         if device.type != "cuda":
             return "simulated"
         if (self.groups == 1 and rows >= INT_MM_MIN_ROWS and self.in_features % 8 == 0
@@ -117,11 +137,20 @@ class W4A8Linear(nn.Module):
             return "int8_gemm"
         return "dequant"
 
+    def triton_serves(self, device: torch.device | str) -> bool:
+        """Whether the Triton kernels can serve this layer on ``device`` (asked for or not)."""
+        from quantgate.quant import w4a8_triton
+
+        return (w4a8_triton.unavailable(device) is None
+                and w4a8_triton.unsupported_shape(self.in_features, self.out_features, self.groups) is None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         path = self.path(rows.shape[0], rows.device)
         self.path_calls[path] += 1
-        if path == "int8_gemm":
+        if path == "triton":
+            y = self.forward_triton(rows)
+        elif path == "int8_gemm":
             y = self.forward_int8(rows)
         elif path == "dequant":
             y = self.forward_dequant(rows)
@@ -140,6 +169,14 @@ class W4A8Linear(nn.Module):
         if self.bias is not None:
             y = y.add_(self.bias.float())
         return y
+
+    def forward_triton(self, rows: torch.Tensor) -> torch.Tensor:
+        """The fused Triton quantizer and INT4 x INT8 GEMM (:mod:`quantgate.quant.w4a8_triton`)."""
+        from quantgate.quant import w4a8_triton
+
+        q_x, x_scale = w4a8_triton.quantize_rows(rows)
+        out_dtype = rows.dtype if rows.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return w4a8_triton.gemm(q_x, x_scale, self.qweight, self.scale, self.zero, self.bias, out_dtype)
 
     def forward_dequant(self, rows: torch.Tensor) -> torch.Tensor:
         """INT8-quantized activations and the 4-bit weight, both dequantized to the input dtype, one GEMM."""

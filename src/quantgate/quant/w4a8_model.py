@@ -53,11 +53,13 @@ from quantgate.quant.w4a8 import (
     FORMAT,
     FORMAT_VERSION,
     W4A8Linear,
+    kernel_choice,
     load_layers,
     read_config,
     save_layers,
     set_submodule,
 )
+from quantgate.quant.w4a8_triton import unsupported_shape
 
 # The repeated blocks of diffusers' MMDiT denoisers: SD3's transformer_blocks, FLUX.1's
 # transformer_blocks and single_transformer_blocks.
@@ -295,4 +297,8 @@ def expected_paths(layers: Mapping[str, W4A8Linear], per_image: str | None) -> d
                                     "why": "a scale per input group: one INT8 GEMM per group would cost more "
                                            "memory traffic than dequantizing the weight once"},
         "off_cuda": "simulated in float32 (the same W4A8 function)",
+        "kernel": kernel_choice(),  # QUANTGATE_W4A8_KERNEL: with "triton", every layer whose shape the
+        # kernels take runs them on CUDA sm_80+ instead of the paths above
+        "triton_capable_shapes": sum(unsupported_shape(layer.in_features, layer.out_features, layer.groups) is None
+                                     for layer in layers.values()),
     }
