@@ -16,11 +16,13 @@ from torch import nn
 from quantgate.quant.int4 import pack_int4, unpack_int4
 from quantgate.quant.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4, quantize_nvfp4
 from quantgate.quant.svdquant import (
+    V1_RECIPE,
     Int4WeightOnlyLinear,
     SmoothStats,
     SVDQuantConfig,
     low_rank_split,
     quantize_int4_weight,
+    smoothing_factors,
     svdquant_linear,
 )
 
@@ -56,9 +58,11 @@ def _rel(y: torch.Tensor, y_hat: torch.Tensor) -> float:
 def test_the_stored_branch_is_the_top_r_svd_of_the_smoothed_weight() -> None:
     rank, alpha = 6, 0.5  # one singular triplet per planted outlier channel: a clear spectral gap
     w, x, _ = _outlier_layer(96, 128, 64, seed=11, outliers=rank)
-    config = SVDQuantConfig(rank=rank, alphas=(alpha,), svd="exact")
+    # one SVD (the refinement of section 1b moves the branch off the plain SVD on purpose)
+    config = SVDQuantConfig(rank=rank, alphas=(alpha,), smoothing_forms=("smoothquant",), svd="exact",
+                            low_rank_iterations=1)
     module, result = svdquant_linear(_linear(w), x.abs().amax(0), x, config)
-    assert result.rank == rank and result.alpha == alpha
+    assert result.rank == rank and result.alpha == alpha and result.low_rank_iterations == 1
 
     # λ from the paper's rule, in float64 here: the stored bf16 factors are it to bf16 rounding.
     lam = x.double().abs().amax(0).pow(alpha) / w.double().abs().amax(0).pow(1 - alpha)
@@ -93,6 +97,40 @@ def test_the_stored_branch_is_the_top_r_svd_of_the_smoothed_weight() -> None:
     step = module.wscales.float().repeat_interleave(module.group_size, dim=1).double()
     residual = w_hat - branch
     assert torch.all((module.residual().double() - residual).abs() <= step / 2 + 1e-6)
+
+
+# -- 1b. the authors' recipe: both smoothing forms over 19 strengths, the iterated branch -------
+
+def test_the_authors_search_tries_both_forms_over_nineteen_strengths() -> None:
+    config = SVDQuantConfig()
+    candidates = config.candidates()
+    assert len(candidates) == 39 and candidates[0] == (None, None)  # deepcompressor's "about 39"
+    assert {f for f, _ in candidates[1:]} == {"smoothquant", "activation"}
+    assert sorted({a for _, a in candidates[1:]}) == [round(0.05 * i, 2) for i in range(1, 20)]
+    v1 = SVDQuantConfig(**V1_RECIPE)
+    assert v1.candidates() == [(None, None)] + [("smoothquant", a) for a in (0.3, 0.4, 0.5, 0.6, 0.7)]
+    # the activation-only form: max|x|^alpha, to bf16 rounding
+    w, x, _ = _outlier_layer(32, 64, 64, seed=5, outliers=2)
+    a = x.abs().amax(0)
+    lam = smoothing_factors(a, w, 0.35, "activation")
+    assert torch.all((lam.double() - a.double().pow(0.35)).abs() <= 2**-8 * a.double().pow(0.35))
+    with pytest.raises(ValueError, match="form must be one of"):
+        smoothing_factors(a, w, 0.5, "awq")
+
+
+def test_the_iterated_branch_lowers_the_error_of_one_svd_and_the_authors_recipe_beats_v1() -> None:
+    """L <- SVD_r(W - Q(W - L)) (deepcompressor): on a layer with planted outlier channels the
+    refined branch has a strictly smaller output error than the plain SVD it starts from."""
+    w, x, _ = _outlier_layer(96, 128, 256, seed=3, outliers=4)
+    layer, absmax, sample = _linear(w), x.abs().amax(0), x[:128]
+    fixed = {"rank": 8, "alphas": (0.5,), "smoothing_forms": ("smoothquant",), "svd": "exact"}
+    _, one = svdquant_linear(layer, absmax, sample, SVDQuantConfig(**fixed, low_rank_iterations=1))
+    _, refined = svdquant_linear(layer, absmax, sample, SVDQuantConfig(**fixed))
+    assert refined.output_error_one_svd == pytest.approx(one.output_error, rel=1e-6)
+    assert refined.low_rank_iterations > 1 and refined.output_error < 0.99 * one.output_error, (refined, one)
+    _, v1 = svdquant_linear(layer, absmax, sample, SVDQuantConfig(rank=8, svd="exact", **V1_RECIPE))
+    _, authors = svdquant_linear(layer, absmax, sample, SVDQuantConfig(rank=8, svd="exact"))
+    assert authors.output_error < v1.output_error, (authors, v1)
 
 
 # -- 2. smoothing + branch < smoothing alone < plain RTN, on planted outlier channels ------------

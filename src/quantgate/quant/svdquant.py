@@ -2,12 +2,18 @@
 
 For a linear layer ``y = x Wᵀ`` (torch's (out, in) weight):
 
-1. smoothing: per input channel ``λ_j = max|x_j|^α / max|W_:j|^(1-α)`` (SmoothQuant's rule)
-   migrates activation outliers into the weight: ``x̂ = x / λ``, ``Ŵ = W · diag(λ)``;
-   the migration strength ``α`` is searched per layer over a small grid (plus "no smoothing")
-   for the smallest output error on a sample of the layer's real calibration inputs;
+1. smoothing: per input channel ``λ_j = max|x_j|^α / max|W_:j|^(1-α)`` (SmoothQuant's rule) or
+   ``λ_j = max|x_j|^α`` (the activation-only form) migrates activation outliers into the
+   weight: ``x̂ = x / λ``, ``Ŵ = W · diag(λ)``. As deepcompressor (the authors' calibration
+   code) does, both forms are searched per layer over α = 0.05, 0.10 … 0.95, plus "no
+   smoothing": 39 candidates, the one with the smallest output error on a sample of the layer's
+   real calibration inputs wins (``SVDQuantConfig.alphas`` and ``smoothing_forms``);
 2. low-rank branch: the top-``r`` singular triplets of ``Ŵ`` (``lora_up`` (out, r) holds U·S,
-   ``lora_down`` (r, in) holds Vᵀ), kept in bf16;
+   ``lora_down`` (r, in) holds Vᵀ), kept in bf16. The winner's branch is then refined as
+   deepcompressor does, ``L ← SVD_r(Ŵ − Q(Ŵ − L))``, up to ``low_rank_iterations`` times (100),
+   stopping at the first iteration that does not lower the output error and keeping the best;
+   the refinement runs for the winning strength only (for all 39 it would cost 39 x 100 SVDs a
+   layer);
 3. residual ``R = Ŵ - lora_up · lora_down`` quantized to signed INT4 with one bf16 scale per
    group of 64 input channels, stored packed two values a byte (or NVFP4: E2M1 values with an
    FP8 E4M3 scale per 16 and one FP32 tensor scale);
@@ -46,6 +52,8 @@ from quantgate.quant.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4, quantiz
 
 PRECISIONS = ("int4", "nvfp4")
 INT4_MAX = 7  # signed symmetric grid [-7, 7]
+SMOOTHING_FORMS = ("smoothquant", "activation")  # max|x|^α / max|w|^(1-α), and max|x|^α
+AUTHORS_ALPHAS: tuple[float | None, ...] = (None, *(round(0.05 * i, 2) for i in range(1, 20)))
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,12 @@ class SVDQuantConfig:
     precision: str = "int4"  # "int4" or "nvfp4"
     rank: int = 32  # the paper's default; 16-256 are sensible, 0 disables the branch
     group_size: int = 64  # INT4 group along the input dim (weights and activations); NVFP4 uses 16
-    # Migration strengths tried per layer; None is "no smoothing" (kept when smoothing hurts).
-    alphas: tuple[float | None, ...] = (None, 0.3, 0.4, 0.5, 0.6, 0.7)
+    # Migration strengths tried per layer and form; None is "no smoothing" (kept when smoothing
+    # hurts). The authors' grid: 0.05 ... 0.95 in both forms (deepcompressor).
+    alphas: tuple[float | None, ...] = AUTHORS_ALPHAS
+    smoothing_forms: tuple[str, ...] = SMOOTHING_FORMS
+    # Refinements of the winner's low-rank branch, L <- SVD_r(W - Q(W - L)); 1 is one SVD.
+    low_rank_iterations: int = 100
     # The rank is capped at this share of the layer's smaller side, so that on tiny test models
     # the branch stays a small part of each layer; it never binds on full-size FLUX.1 (3072/8 =
     # 384) and binds on SD3.5 Medium only above rank 192.
@@ -74,6 +86,15 @@ class SVDQuantConfig:
             raise ValueError(f"svd must be 'exact', 'lowrank' or 'auto', got {self.svd!r}")
         if not self.alphas:
             raise ValueError("alphas must name at least one migration strength (None for no smoothing)")
+        if not self.smoothing_forms or set(self.smoothing_forms) - set(SMOOTHING_FORMS):
+            raise ValueError(f"smoothing_forms must be some of {SMOOTHING_FORMS}, got {self.smoothing_forms!r}")
+        if self.low_rank_iterations < 1:
+            raise ValueError(f"low_rank_iterations must be >= 1 (1: one SVD), got {self.low_rank_iterations}")
+
+    def candidates(self) -> list[tuple[str | None, float | None]]:
+        """The (form, α) pairs the strength search tries, "no smoothing" once as (None, None)."""
+        found: list[tuple[str | None, float | None]] = [(None, None)] if None in self.alphas else []
+        return found + [(form, a) for form in self.smoothing_forms for a in self.alphas if a is not None]
 
     def group_for(self, in_features: int) -> int:
         """The quantization group of a layer with ``in_features`` inputs."""
@@ -90,24 +111,36 @@ class SVDQuantConfig:
         return min(self.rank, cap)
 
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self), "alphas": [a for a in self.alphas]}
+        return {**asdict(self), "alphas": [a for a in self.alphas], "smoothing_forms": list(self.smoothing_forms)}
+
+
+# quantgate's first recipe, before it followed the authors': SmoothQuant's form over 5 strengths,
+# one SVD (the svdquant-ref-v1 scheme keeps it, to measure what the authors' recipe changes).
+V1_RECIPE = {"alphas": (None, 0.3, 0.4, 0.5, 0.6, 0.7), "smoothing_forms": ("smoothquant",),
+             "low_rank_iterations": 1}
 
 
 # -- the pieces of the algorithm ----------------------------------------------------------------
 
 
-def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float | None) -> torch.Tensor:
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float | None,
+                      form: str = "smoothquant") -> torch.Tensor:
     """Per-input-channel factors ``λ`` (float32, rounded to bf16 as they are stored).
 
-    ``λ_j = max|x_j|^α / max_i |W_ij|^(1-α)``; channels never active or with a zero weight
-    column keep ``λ = 1``. ``alpha=None`` means no smoothing (all ones).
+    ``form`` "smoothquant": ``λ_j = max|x_j|^α / max_i |W_ij|^(1-α)``; "activation":
+    ``λ_j = max|x_j|^α``. Channels never active or with a zero weight column keep ``λ = 1``.
+    ``alpha=None`` means no smoothing (all ones).
     """
     in_features = weight.shape[1]
     if alpha is None:
         return torch.ones(in_features, dtype=torch.float32, device=weight.device)
+    if form not in SMOOTHING_FORMS:
+        raise ValueError(f"form must be one of {SMOOTHING_FORMS}, got {form!r}")
     a = act_absmax.float().to(weight.device)
     w = weight.float().abs().amax(dim=0)
-    lam = a.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1 - alpha)
+    lam = a.clamp(min=1e-5).pow(alpha)
+    if form == "smoothquant":
+        lam = lam / w.clamp(min=1e-5).pow(1 - alpha)
     lam = torch.where((a > 0) & (w > 0), lam, torch.ones_like(lam)).clamp(1e-4, 1e4)
     return lam.to(torch.bfloat16).float()
 
@@ -307,6 +340,9 @@ class LayerResult:
     group_size: int
     output_error: float  # ||y - ŷ|| / ||y|| on the calibration sample (NaN without one)
     output_error_unsmoothed: float  # the same with alpha None (no smoothing)
+    form: str | None = None  # the smoothing form of the winner (None: no smoothing)
+    low_rank_iterations: int = 1  # SVDs of the kept branch: 1 + the refinements that helped
+    output_error_one_svd: float = math.nan  # the winner's error before the refinement
 
 
 def _relative(y: torch.Tensor, y_hat: torch.Tensor) -> float:
@@ -335,35 +371,57 @@ def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: 
     device = weight.device
     rank = config.rank_for(out_features, in_features)
     group = config.group_for(in_features)
-    alphas = list(config.alphas)
+    candidates = config.candidates()
     if act_absmax is None:
-        alphas = [None]
+        candidates = [(None, None)]
     x = None if sample is None or sample.numel() == 0 else sample.to(device=device, dtype=torch.float32)
-    if x is None and len(alphas) > 1:
-        smoothing = [a for a in alphas if a is not None]
-        alphas = [smoothing[len(smoothing) // 2]] if smoothing else [None]
+    if x is None and len(candidates) > 1:  # nothing to measure on: SmoothQuant's middle strength
+        smoothing = [c for c in candidates if c[1] is not None]
+        middle = [c for c in smoothing if c == ("smoothquant", 0.5)] or smoothing[len(smoothing) // 2:][:1]
+        candidates = middle or [(None, None)]
     y = None if x is None else x @ weight.t()
 
-    best: tuple[float, float | None, dict[str, torch.Tensor]] | None = None
-    unsmoothed = math.nan
-    for alpha in alphas:
-        lam = smoothing_factors(act_absmax if act_absmax is not None else torch.ones(in_features), weight, alpha)
-        w_hat = weight * lam
-        up, down = low_rank_split(w_hat, rank, config.svd)
-        up, down = up.to(torch.bfloat16), down.to(torch.bfloat16)
+    def fit(w_hat: torch.Tensor, lam: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        """(error, parts, residual) of the branch ``up @ down`` (bf16) on ``w_hat``."""
         parts, r_deq = _quantize_residual(w_hat - up.float() @ down.float(), config.precision, group)
-        error = math.nan
-        if x is not None:
+        if x is None:  # no sample: the weight-space error of the fit
+            error = _relative(w_hat, r_deq + up.float() @ down.float())
+        else:
             xs = x / lam
             branch = (xs @ down.float().t()) @ up.float().t()
-            y_hat = _fake_quantize_act(xs, config.precision, group) @ r_deq.t() + branch
-            error = _relative(y, y_hat)
+            error = _relative(y, _fake_quantize_act(xs, config.precision, group) @ r_deq.t() + branch)
+        return error, parts, r_deq
+
+    best = None
+    unsmoothed = math.nan
+    for form, alpha in candidates:
+        lam = smoothing_factors(act_absmax if act_absmax is not None else torch.ones(in_features), weight, alpha,
+                                form or "smoothquant")
+        w_hat = weight * lam
+        up, down = (t.to(torch.bfloat16) for t in low_rank_split(w_hat, rank, config.svd))
+        error, parts, r_deq = fit(w_hat, lam, up, down)
+        if x is None:
+            error = math.nan  # reported as unknown: the search had nothing to choose on
         if alpha is None:
             unsmoothed = error
-        if best is None or error < best[0]:
-            best = (error, alpha, {**parts, "smooth": lam.to(torch.bfloat16), "lora_down": down, "lora_up": up})
+        if best is None or error < best[0] or (math.isnan(best[0]) and not math.isnan(error)):
+            best = (error, form, alpha, lam, w_hat, up, down, parts, r_deq)
     assert best is not None
-    error, alpha, parts = best
+    error, form, alpha, lam, w_hat, up, down, parts, r_deq = best
+    one_svd = error
+    # deepcompressor's refinement: the branch re-fit to what the 4-bit residual cannot hold
+    score, _, _ = fit(w_hat, lam, up, down)
+    iterations = 1
+    for _ in range(1, config.low_rank_iterations if rank else 1):
+        up_new, down_new = (t.to(torch.bfloat16) for t in low_rank_split(w_hat - r_deq, rank, config.svd))
+        score_new, parts_new, r_deq_new = fit(w_hat, lam, up_new, down_new)
+        if not score_new < score:
+            break
+        score, up, down, parts, r_deq = score_new, up_new, down_new, parts_new, r_deq_new
+        iterations += 1
+    if x is not None:
+        error = score
+    parts = {**parts, "smooth": lam.to(torch.bfloat16), "lora_down": down, "lora_up": up}
     module = SVDQuantLinear(in_features, out_features, rank, config.precision, group, linear.bias is not None,
                             device=device)
     with torch.no_grad():
@@ -371,7 +429,7 @@ def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: 
             getattr(module, name).copy_(tensor)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
-    return module, LayerResult(alpha, rank, group, error, unsmoothed)
+    return module, LayerResult(alpha, rank, group, error, unsmoothed, form, iterations, one_svd)
 
 
 # -- calibration statistics -----------------------------------------------------------------------
@@ -487,6 +545,11 @@ def quantize_model(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tens
         "ranks": dict(Counter(r.rank for r in results.values())),
         "groups": dict(Counter(r.group_size for r in results.values())),
         "alpha_counts": {str(k): v for k, v in Counter(r.alpha for r in results.values()).items()},
+        "form_counts": {str(k): v for k, v in Counter(r.form for r in results.values()).items()},
+        "mean_low_rank_iterations": (sum(r.low_rank_iterations for r in results.values()) / len(results)
+                                     if results else None),
+        "mean_layer_output_error_one_svd": (sum(e for e in (r.output_error_one_svd for r in results.values())
+                                                if not math.isnan(e)) / len(errors)) if errors else None,
         "mean_layer_output_error": sum(errors) / len(errors) if errors else None,
         "mean_layer_output_error_unsmoothed": sum(unsmoothed) / len(unsmoothed) if unsmoothed else None,
     }

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from quantgate.quant.calibration import CalibrationSettings
-from quantgate.quant.svdquant import SVDQuantConfig
+from quantgate.quant.svdquant import V1_RECIPE, SVDQuantConfig
 from quantgate.schemes.base import QuantizationPlan, QuantizationRequest, Scheme
 
 # The CPU tier calibrates tiny models over a 4-step schedule: the same code over the same
@@ -111,7 +111,8 @@ def _native_loras(pipe: Any, denoiser: str) -> Any:
     return NativeLoras(pipe, denoiser, "svdquant-ref")
 
 
-DEFAULT = SVDQuantConfig()
+DEFAULT = SVDQuantConfig()  # the authors' recipe (deepcompressor): 39 smoothing candidates, iterated branch
+V1 = SVDQuantConfig(**V1_RECIPE)  # quantgate's first recipe, kept to measure what the authors' changes
 
 SCHEMES = [
     Scheme(
@@ -126,6 +127,20 @@ SCHEMES = [
         offline_quantization="SVDQuant checkpoints are calibrated and quantized once and shipped 4-bit "
                              "(nunchaku's FLUX.1 models); the 16 GB claim is about running them",
         details={"config": DEFAULT.describe(),
+                 "reference": "arXiv 2411.05007; forward simulated in bf16, footprint real (packed INT4)"},
+    ),
+    Scheme(
+        name="svdquant-ref-v1",
+        summary="svdquant-ref with quantgate's first recipe: SmoothQuant-form smoothing over 5 strengths and one "
+                "SVD, against the authors' 39 candidates and iterated branch (to measure what they change)",
+        backend="quantgate",
+        plan=lambda request: QuantizationPlan(None),
+        post_load=make_post_load(V1),
+        markers=("svdquant",),
+        lora_attach=_native_loras,
+        offline_quantization="SVDQuant checkpoints are calibrated and quantized once and shipped 4-bit "
+                             "(nunchaku's FLUX.1 models); the 16 GB claim is about running them",
+        details={"config": V1.describe(),
                  "reference": "arXiv 2411.05007; forward simulated in bf16, footprint real (packed INT4)"},
     ),
 ]
