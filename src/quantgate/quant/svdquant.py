@@ -25,9 +25,10 @@ simulated (the residual is dequantized and activations fake-quantized, then a bf
 it is slower than bf16, not a fused W4A4 kernel like nunchaku's. Its ``low_rank`` switch turns
 the branch off to time what the unfused branch costs (``quantgate.quant.lowrank``).
 
-The per-image linears (adaLN modulation: one row per image) stay W4A16 as in nunchaku, here
-round-to-nearest asymmetric INT4 per group of 64 (``Int4WeightOnlyLinear``); AWQ's
-activation-aware scale search is not applied to them.
+The per-image linears inside the blocks (adaLN modulation: one row per image) are W4A16 as in
+nunchaku, here round-to-nearest asymmetric INT4 per group of 64 (``Int4WeightOnlyLinear``);
+AWQ's activation-aware scale search is not applied to them. ``norm_out`` and the embedders
+stay 16-bit, as nunchaku keeps them (``SVDQuantConfig.bf16_linears``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class SVDQuantConfig:
     svd: str = "auto"  # "exact" (torch.linalg.svd), "lowrank" (torch.svd_lowrank), "auto"
     sample_rows: int = 128  # calibration input rows kept per layer for the strength search
     per_image_group_size: int = 64  # W4A16 group of the per-image linears (nunchaku's AWQ: 64)
+    # Per-image linears outside the blocks that stay 16-bit, as nunchaku keeps them: the final
+    # norm's modulation and the timestep/guidance/text embedders ("" quantizes them W4A16 too).
+    bf16_linears: str = r"norm_out\.linear|time_text_embed\..+"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -117,7 +121,7 @@ class SVDQuantConfig:
 # quantgate's first recipe, before it followed the authors': SmoothQuant's form over 5 strengths,
 # one SVD (the svdquant-ref-v1 scheme keeps it, to measure what the authors' recipe changes).
 V1_RECIPE = {"alphas": (None, 0.3, 0.4, 0.5, 0.6, 0.7), "smoothing_forms": ("smoothquant",),
-             "low_rank_iterations": 1}
+             "low_rank_iterations": 1, "bf16_linears": ""}
 
 
 # -- the pieces of the algorithm ----------------------------------------------------------------
@@ -510,6 +514,12 @@ def per_image_linears(model: nn.Module, per_image: str | None) -> dict[str, nn.L
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(name)}
 
 
+def w4a16_linears(model: nn.Module, per_image: str | None, config: SVDQuantConfig) -> dict[str, nn.Linear]:
+    """The per-image linears that become W4A16: all but those ``config.bf16_linears`` keeps 16-bit."""
+    keep = re.compile(config.bf16_linears) if config.bf16_linears else None
+    return {n: m for n, m in per_image_linears(model, per_image).items() if not (keep and keep.fullmatch(n))}
+
+
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -523,7 +533,7 @@ def quantize_model(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tens
     # Names only: a 16-bit layer is freed as soon as its quantized replacement is in place, so
     # the model never holds both versions of more than one layer.
     targets = list(block_linears(model, per_image))
-    w4a16 = list(per_image_linears(model, per_image))
+    w4a16 = list(w4a16_linears(model, per_image, config))
     results: dict[str, LayerResult] = {}
     with torch.no_grad():
         for name in tqdm(targets, desc="quantgate: svdquant", unit="linear", disable=not progress):

@@ -48,10 +48,10 @@ def make_post_load(config: SVDQuantConfig):
         from quantgate.quant.calibration import collect_cached
         from quantgate.quant.svdquant import (
             block_linears,
-            per_image_linears,
             quantize_model,
             stats_factory,
             storage_breakdown,
+            w4a16_linears,
         )
 
         settings = calibration_for(request)
@@ -59,7 +59,7 @@ def make_post_load(config: SVDQuantConfig):
         for name in request.components:
             module = getattr(pipe, name)
             targets = block_linears(module, request.spec.per_image_linears)
-            layers = [*targets, *per_image_linears(module, request.spec.per_image_linears)]
+            layers = [*targets, *w4a16_linears(module, request.spec.per_image_linears, config)]
             key = svdquant_store.checkpoint_key({**request.identity, "component": name}, config.describe(),
                                                 settings.key_facts(), layers)
             directory = request.cache_dir / "quantized" / key if request.cache_dir is not None else None
@@ -95,6 +95,7 @@ def make_post_load(config: SVDQuantConfig):
                 "pattern": request.spec.per_image_linears,
                 "format": f"INT4 weight-only, asymmetric RTN, group {config.per_image_group_size}, bf16 activations",
                 "why": "nunchaku keeps the adaLN modulation linears W4A16 (AWQ, group 64): one row per image",
+                "kept_16bit": config.bf16_linears or None,
             }
             result["forward"] = ("simulated: residual dequantized and activations fake-quantized, bf16 matmul "
                                  "(a reference, not a fused W4A4 kernel)")
