@@ -395,3 +395,23 @@ def test_smooth_stats_update_does_not_synchronize_cuda() -> None:
         _old_update(reference, x.cpu())
     assert torch.equal(stats.state()["absmax"].cpu(), reference.state()["absmax"])
     assert torch.equal(stats.state()["sample"].cpu(), reference.state()["sample"])
+
+
+# -- 1c. post-GELU inputs unsigned (nunchaku's fc2) -------------------------------------------
+
+def test_unsigned_post_gelu_inputs_quantize_better_than_signed() -> None:
+    """GELU outputs lie in [-0.17, inf): a signed 4-bit grid spends half its levels below zero.
+    Shifted by 0.171875 / λ and quantized to [0, 15] (nunchaku's fc2), the output error drops."""
+    g = _gen(7)
+    w = torch.randn(64, 256, generator=g) / 16
+    x = torch.nn.functional.gelu(torch.randn(256, 256, generator=g) * 2, approximate="tanh")
+    assert float(x.min()) >= -0.171875
+    config = SVDQuantConfig(rank=8, svd="exact")
+    signed_module, signed = svdquant_linear(_linear(w), x.abs().amax(0), x[:128], config)
+    unsigned_module, unsigned = svdquant_linear(_linear(w), x.abs().amax(0), x[:128], config, unsigned_input=True)
+    assert unsigned_module.unsigned_input and not signed_module.unsigned_input
+    assert unsigned.output_error < 0.8 * signed.output_error, (unsigned, signed)
+    # the module's forward is the function the search measured, on rows it did not see
+    held_out = x[128:]
+    reference = held_out @ w.t()
+    assert _rel(reference, unsigned_module(held_out)) < _rel(reference, signed_module(held_out))

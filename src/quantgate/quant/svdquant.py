@@ -18,7 +18,9 @@ For a linear layer ``y = x Wᵀ`` (torch's (out, in) weight):
    group of 64 input channels, stored packed two values a byte (or NVFP4: E2M1 values with an
    FP8 E4M3 scale per 16 and one FP32 tensor scale);
 4. at run time ``y = Q(x̂) · deq(R)ᵀ + (x̂ · lora_downᵀ) · lora_upᵀ + b`` with ``Q`` quantizing
-   activations per token and group of 64 (INT4) or 16 (NVFP4) on the fly.
+   activations per token and group of 64 (INT4) or 16 (NVFP4) on the fly; the inputs of
+   post-GELU linears (``unsigned_inputs``) are shifted by ``0.171875 / λ`` and quantized
+   unsigned to [0, 15], as nunchaku does.
 
 ``SVDQuantLinear`` is a *reference*: the footprint is real (packed weights), the arithmetic is
 simulated (the residual is dequantized and activations fake-quantized, then a bf16 matmul), so
@@ -53,6 +55,9 @@ from quantgate.quant.nvfp4 import dequantize_nvfp4, fake_quantize_nvfp4, quantiz
 
 PRECISIONS = ("int4", "nvfp4")
 INT4_MAX = 7  # signed symmetric grid [-7, 7]
+# nunchaku shifts post-GELU inputs (GELU's minimum is about -0.17) by this much and quantizes them
+# unsigned, [0, 15]: all 16 levels on the side where the values are.
+GELU_SHIFT = 0.171875
 SMOOTHING_FORMS = ("smoothquant", "activation")  # max|x|^α / max|w|^(1-α), and max|x|^α
 AUTHORS_ALPHAS: tuple[float | None, ...] = (None, *(round(0.05 * i, 2) for i in range(1, 20)))
 
@@ -80,6 +85,9 @@ class SVDQuantConfig:
     # Per-image linears outside the blocks that stay 16-bit, as nunchaku keeps them: the final
     # norm's modulation and the timestep/guidance/text embedders ("" quantizes them W4A16 too).
     bf16_linears: str = r"norm_out\.linear|time_text_embed\..+"
+    # Linears whose inputs are GELU outputs, quantized unsigned after a shift as nunchaku does
+    # (INT4 only; "" quantizes every input signed).
+    unsigned_inputs: str = r"(.+\.)?ff(_context)?\.net\.2"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -121,7 +129,7 @@ class SVDQuantConfig:
 # quantgate's first recipe, before it followed the authors': SmoothQuant's form over 5 strengths,
 # one SVD (the svdquant-ref-v1 scheme keeps it, to measure what the authors' recipe changes).
 V1_RECIPE = {"alphas": (None, 0.3, 0.4, 0.5, 0.6, 0.7), "smoothing_forms": ("smoothquant",),
-             "low_rank_iterations": 1, "bf16_linears": ""}
+             "low_rank_iterations": 1, "bf16_linears": "", "unsigned_inputs": ""}
 
 
 # -- the pieces of the algorithm ----------------------------------------------------------------
@@ -200,9 +208,22 @@ def dequantize_int4_weight(packed: torch.Tensor, scales: torch.Tensor,
     return q.to(dtype) * expand_groups(scales.to(dtype), q.shape[1])
 
 
-def _fake_quantize_act(x: torch.Tensor, precision: str, group_size: int) -> torch.Tensor:
+def fake_quantize_uint4(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` (>= 0) rounded through unsigned INT4, [0, 15], one max scale per row and group."""
+    shape = x.shape
+    g = x.reshape(-1, shape[-1] // group_size, group_size).float().clamp(min=0)
+    scale = g.amax(dim=-1, keepdim=True) / 15
+    q = torch.where(scale > 0, torch.round(g / scale.clamp(min=1e-30)), torch.zeros_like(g)).clamp(0, 15)
+    return (q * scale).to(x.dtype).reshape(shape)
+
+
+def _fake_quantize_act(x: torch.Tensor, precision: str, group_size: int,
+                       shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Activations through the 4-bit grid; with ``shift`` (INT4) ``x + shift`` unsigned, then back."""
     if precision == "nvfp4":
         return fake_quantize_nvfp4(x, group_size)
+    if shift is not None:
+        return fake_quantize_uint4(x + shift.to(x.dtype), group_size) - shift.to(x.dtype)
     return fake_quantize_int4(x, group_size)
 
 
@@ -217,11 +238,14 @@ class SVDQuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, precision: str, group_size: int,
-                 bias: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
+                 bias: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
+                 unsigned_input: bool = False):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.in_features, self.out_features = in_features, out_features
+        # post-GELU inputs: shifted by GELU_SHIFT / λ (>= 0 after smoothing) and quantized unsigned
+        self.unsigned_input = unsigned_input and precision == "int4"
         self.rank, self.precision, self.group_size = rank, precision, group_size
         self.low_rank = True
         self._base_branch: tuple[torch.Tensor, torch.Tensor, int] | None = None  # while LoRAs are applied
@@ -250,7 +274,8 @@ class SVDQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = x / self.smooth.to(x.dtype)
-        y = F.linear(_fake_quantize_act(xs, self.precision, self.group_size), self.residual(x.dtype),
+        shift = GELU_SHIFT / self.smooth.float() if self.unsigned_input else None
+        y = F.linear(_fake_quantize_act(xs, self.precision, self.group_size, shift), self.residual(x.dtype),
                      None if self.bias is None else self.bias.to(x.dtype))
         if self.low_rank and self.rank:
             y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
@@ -282,7 +307,8 @@ class SVDQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"precision={self.precision}, group_size={self.group_size}, low_rank={self.low_rank}")
+                f"precision={self.precision}, group_size={self.group_size}, low_rank={self.low_rank}"
+                + (", unsigned post-GELU input" if self.unsigned_input else ""))
 
 
 class Int4WeightOnlyLinear(nn.Module):
@@ -363,12 +389,13 @@ def _quantize_residual(r: torch.Tensor, precision: str, group: int) -> tuple[dic
 
 
 def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: torch.Tensor | None,
-                    config: SVDQuantConfig) -> tuple[SVDQuantLinear, LayerResult]:
+                    config: SVDQuantConfig, unsigned_input: bool = False) -> tuple[SVDQuantLinear, LayerResult]:
     """Quantize one ``nn.Linear`` with SVDQuant, searching the migration strength per layer.
 
     ``act_absmax`` is the calibration's largest |x| per input channel; ``sample`` (rows, in) a
     few real inputs of the layer on which each strength's output error is measured. Without a
     sample, the strength is the middle of the grid (SmoothQuant's 0.5 by default).
+    ``unsigned_input``: the layer's inputs are GELU outputs, quantized unsigned (INT4 only).
     """
     weight = linear.weight.detach().float()
     out_features, in_features = weight.shape
@@ -393,7 +420,8 @@ def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: 
         else:
             xs = x / lam
             branch = (xs @ down.float().t()) @ up.float().t()
-            error = _relative(y, _fake_quantize_act(xs, config.precision, group) @ r_deq.t() + branch)
+            shift = GELU_SHIFT / lam if unsigned_input and config.precision == "int4" else None
+            error = _relative(y, _fake_quantize_act(xs, config.precision, group, shift) @ r_deq.t() + branch)
         return error, parts, r_deq
 
     best = None
@@ -427,7 +455,7 @@ def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: 
         error = score
     parts = {**parts, "smooth": lam.to(torch.bfloat16), "lora_down": down, "lora_up": up}
     module = SVDQuantLinear(in_features, out_features, rank, config.precision, group, linear.bias is not None,
-                            device=device)
+                            device=device, unsigned_input=unsigned_input)
     with torch.no_grad():
         for name, tensor in parts.items():
             getattr(module, name).copy_(tensor)
@@ -534,12 +562,14 @@ def quantize_model(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tens
     # the model never holds both versions of more than one layer.
     targets = list(block_linears(model, per_image))
     w4a16 = list(w4a16_linears(model, per_image, config))
+    unsigned = re.compile(config.unsigned_inputs) if config.unsigned_inputs else None
     results: dict[str, LayerResult] = {}
     with torch.no_grad():
         for name in tqdm(targets, desc="quantgate: svdquant", unit="linear", disable=not progress):
             layer_stats = stats.get(name, {})
             module, result = svdquant_linear(model.get_submodule(name), layer_stats.get("absmax"),
-                                             layer_stats.get("sample"), config)
+                                             layer_stats.get("sample"), config,
+                                             bool(unsigned and unsigned.fullmatch(name)))
             _replace(model, name, module)
             results[name] = result
         for name in w4a16:
@@ -556,6 +586,7 @@ def quantize_model(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tens
         "groups": dict(Counter(r.group_size for r in results.values())),
         "alpha_counts": {str(k): v for k, v in Counter(r.alpha for r in results.values()).items()},
         "form_counts": {str(k): v for k, v in Counter(r.form for r in results.values()).items()},
+        "unsigned_input_linears": sum(bool(unsigned and unsigned.fullmatch(n)) for n in results),
         "mean_low_rank_iterations": (sum(r.low_rank_iterations for r in results.values()) / len(results)
                                      if results else None),
         "mean_layer_output_error_one_svd": (sum(e for e in (r.output_error_one_svd for r in results.values())
