@@ -415,3 +415,30 @@ def test_unsigned_post_gelu_inputs_quantize_better_than_signed() -> None:
     held_out = x[128:]
     reference = held_out @ w.t()
     assert _rel(reference, unsigned_module(held_out)) < _rel(reference, signed_module(held_out))
+
+
+# -- 1d. q, k and v smoothed together (nunchaku's fused QKV) -----------------------------------
+
+def test_q_k_and_v_share_one_smoothing_from_their_stacked_weights() -> None:
+    from quantgate.quant.svdquant import smoothing_groups, svdquant_linears
+
+    names = ["blocks.0.attn.to_q", "blocks.0.attn.to_k", "blocks.0.attn.to_v", "blocks.0.attn.add_q_proj",
+             "blocks.0.attn.add_k_proj", "blocks.0.attn.add_v_proj", "blocks.0.attn.to_out.0", "blocks.0.ff.net.2",
+             "blocks.1.attn.to_q", "blocks.1.attn.to_k", "blocks.1.attn.to_v"]
+    assert smoothing_groups(names, fuse_qkv=True) == [names[0:3], names[3:6], [names[6]], [names[7]], names[8:11]]
+    assert smoothing_groups(names, fuse_qkv=False) == [[n] for n in names]
+
+    w, x, _ = _outlier_layer(96, 128, 256, seed=21, outliers=4)
+    g = _gen(22)
+    weights = [w, torch.randn(96, 128, generator=g) / 11, torch.randn(64, 128, generator=g) / 11]
+    config = SVDQuantConfig(rank=8, svd="exact", alphas=(0.5,), smoothing_forms=("smoothquant",))
+    quantized = svdquant_linears([_linear(t) for t in weights], x.abs().amax(0), x[:128], config)
+    smooths = [module.smooth for module, _ in quantized]
+    assert all(torch.equal(smooths[0], s) for s in smooths[1:])
+    # the rule over the stacked weights: max over all of q, k and v's rows per input channel
+    stacked = torch.cat(weights)
+    lam = x.double().abs().amax(0).pow(0.5) / stacked.double().abs().amax(0).pow(0.5)
+    assert torch.all((smooths[0].double() - lam).abs() <= 2**-8 * lam)
+    # every layer still gets its own branch and its own error
+    assert [m.out_features for m, _ in quantized] == [96, 96, 64]
+    assert all(r.output_error < 0.2 for _, r in quantized)

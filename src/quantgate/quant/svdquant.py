@@ -75,6 +75,8 @@ class SVDQuantConfig:
     smoothing_forms: tuple[str, ...] = SMOOTHING_FORMS
     # Refinements of the winner's low-rank branch, L <- SVD_r(W - Q(W - L)); 1 is one SVD.
     low_rank_iterations: int = 100
+    # One smoothing for each attention's q, k and v, as nunchaku's fused QKV projection has.
+    fuse_qkv: bool = True
     # The rank is capped at this share of the layer's smaller side, so that on tiny test models
     # the branch stays a small part of each layer; it never binds on full-size FLUX.1 (3072/8 =
     # 384) and binds on SD3.5 Medium only above rank 192.
@@ -129,7 +131,7 @@ class SVDQuantConfig:
 # quantgate's first recipe, before it followed the authors': SmoothQuant's form over 5 strengths,
 # one SVD (the svdquant-ref-v1 scheme keeps it, to measure what the authors' recipe changes).
 V1_RECIPE = {"alphas": (None, 0.3, 0.4, 0.5, 0.6, 0.7), "smoothing_forms": ("smoothquant",),
-             "low_rank_iterations": 1, "bf16_linears": "", "unsigned_inputs": ""}
+             "low_rank_iterations": 1, "bf16_linears": "", "unsigned_inputs": "", "fuse_qkv": False}
 
 
 # -- the pieces of the algorithm ----------------------------------------------------------------
@@ -397,10 +399,24 @@ def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: 
     sample, the strength is the middle of the grid (SmoothQuant's 0.5 by default).
     ``unsigned_input``: the layer's inputs are GELU outputs, quantized unsigned (INT4 only).
     """
-    weight = linear.weight.detach().float()
-    out_features, in_features = weight.shape
-    device = weight.device
-    rank = config.rank_for(out_features, in_features)
+    ((module, result),) = svdquant_linears([linear], act_absmax, sample, config, unsigned_input)
+    return module, result
+
+
+def svdquant_linears(linears: Sequence[nn.Linear], act_absmax: torch.Tensor | None, sample: torch.Tensor | None,
+                     config: SVDQuantConfig, unsigned_input: bool = False) -> list[tuple[SVDQuantLinear, LayerResult]]:
+    """Quantize linears that read the same input (q, k and v) with one shared smoothing ``λ``, as
+    nunchaku's fused QKV projection needs: each candidate's ``λ`` follows the rule over the
+    stacked weights, and the candidate with the smallest error over all of their outputs wins.
+    Each layer then gets its own branch, refined on its own output error. One linear is
+    :func:`svdquant_linear`."""
+    weights = [linear.weight.detach().float() for linear in linears]
+    in_features = weights[0].shape[1]
+    if any(w.shape[1] != in_features for w in weights):
+        raise ValueError("linears smoothed together must read the same input width")
+    device = weights[0].device
+    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+    ranks = [config.rank_for(w.shape[0], in_features) for w in weights]
     group = config.group_for(in_features)
     candidates = config.candidates()
     if act_absmax is None:
@@ -410,58 +426,82 @@ def svdquant_linear(linear: nn.Linear, act_absmax: torch.Tensor | None, sample: 
         smoothing = [c for c in candidates if c[1] is not None]
         middle = [c for c in smoothing if c == ("smoothquant", 0.5)] or smoothing[len(smoothing) // 2:][:1]
         candidates = middle or [(None, None)]
-    y = None if x is None else x @ weight.t()
+    ys = [None if x is None else x @ w.t() for w in weights]
+    unsigned = unsigned_input and config.precision == "int4"
 
-    def fit(w_hat: torch.Tensor, lam: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
-        """(error, parts, residual) of the branch ``up @ down`` (bf16) on ``w_hat``."""
+    def fit(i: int, w_hat: torch.Tensor, lam: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        """(squared error, squared norm, parts, residual) of layer ``i``'s branch ``up @ down``."""
         parts, r_deq = _quantize_residual(w_hat - up.float() @ down.float(), config.precision, group)
         if x is None:  # no sample: the weight-space error of the fit
-            error = _relative(w_hat, r_deq + up.float() @ down.float())
+            target, estimate = w_hat, r_deq + up.float() @ down.float()
         else:
             xs = x / lam
             branch = (xs @ down.float().t()) @ up.float().t()
-            shift = GELU_SHIFT / lam if unsigned_input and config.precision == "int4" else None
-            error = _relative(y, _fake_quantize_act(xs, config.precision, group, shift) @ r_deq.t() + branch)
-        return error, parts, r_deq
+            shift = GELU_SHIFT / lam if unsigned else None
+            target, estimate = ys[i], _fake_quantize_act(xs, config.precision, group, shift) @ r_deq.t() + branch
+        return (float(torch.linalg.vector_norm(target - estimate)) ** 2, float(torch.linalg.vector_norm(target)) ** 2,
+                parts, r_deq)
+
+    def relative(err_sq: float, norm_sq: float) -> float:
+        return math.sqrt(err_sq / max(norm_sq, 1e-60))
 
     best = None
-    unsmoothed = math.nan
+    unsmoothed = [math.nan] * len(weights)
     for form, alpha in candidates:
-        lam = smoothing_factors(act_absmax if act_absmax is not None else torch.ones(in_features), weight, alpha,
+        lam = smoothing_factors(act_absmax if act_absmax is not None else torch.ones(in_features), stacked, alpha,
                                 form or "smoothquant")
-        w_hat = weight * lam
-        up, down = (t.to(torch.bfloat16) for t in low_rank_split(w_hat, rank, config.svd))
-        error, parts, r_deq = fit(w_hat, lam, up, down)
-        if x is None:
-            error = math.nan  # reported as unknown: the search had nothing to choose on
+        layers = []
+        for i, (w, rank) in enumerate(zip(weights, ranks, strict=True)):
+            w_hat = w * lam
+            up, down = (t.to(torch.bfloat16) for t in low_rank_split(w_hat, rank, config.svd))
+            err_sq, norm_sq, parts, r_deq = fit(i, w_hat, lam, up, down)
+            layers.append([err_sq, norm_sq, w_hat, up, down, parts, r_deq])
+        error = relative(sum(v[0] for v in layers), sum(v[1] for v in layers)) if x is not None else math.nan
         if alpha is None:
-            unsmoothed = error
+            unsmoothed = [relative(v[0], v[1]) if x is not None else math.nan for v in layers]
         if best is None or error < best[0] or (math.isnan(best[0]) and not math.isnan(error)):
-            best = (error, form, alpha, lam, w_hat, up, down, parts, r_deq)
+            best = (error, form, alpha, lam, layers)
     assert best is not None
-    error, form, alpha, lam, w_hat, up, down, parts, r_deq = best
-    one_svd = error
-    # deepcompressor's refinement: the branch re-fit to what the 4-bit residual cannot hold
-    score, _, _ = fit(w_hat, lam, up, down)
-    iterations = 1
-    for _ in range(1, config.low_rank_iterations if rank else 1):
-        up_new, down_new = (t.to(torch.bfloat16) for t in low_rank_split(w_hat - r_deq, rank, config.svd))
-        score_new, parts_new, r_deq_new = fit(w_hat, lam, up_new, down_new)
-        if not score_new < score:
-            break
-        score, up, down, parts, r_deq = score_new, up_new, down_new, parts_new, r_deq_new
-        iterations += 1
-    if x is not None:
-        error = score
-    parts = {**parts, "smooth": lam.to(torch.bfloat16), "lora_down": down, "lora_up": up}
-    module = SVDQuantLinear(in_features, out_features, rank, config.precision, group, linear.bias is not None,
-                            device=device, unsigned_input=unsigned_input)
-    with torch.no_grad():
-        for name, tensor in parts.items():
-            getattr(module, name).copy_(tensor)
-        if linear.bias is not None:
-            module.bias.copy_(linear.bias.detach())
-    return module, LayerResult(alpha, rank, group, error, unsmoothed, form, iterations, one_svd)
+    _, form, alpha, lam, layers = best
+    results = []
+    for i, (linear, rank, fitted) in enumerate(zip(linears, ranks, layers, strict=True)):
+        err_sq, norm_sq, w_hat, up, down, parts, r_deq = fitted
+        one_svd = relative(err_sq, norm_sq) if x is not None else math.nan
+        # deepcompressor's refinement: the branch re-fit to what the 4-bit residual cannot hold
+        score, iterations = err_sq, 1
+        for _ in range(1, config.low_rank_iterations if rank else 1):
+            up_new, down_new = (t.to(torch.bfloat16) for t in low_rank_split(w_hat - r_deq, rank, config.svd))
+            score_new, _, parts_new, r_deq_new = fit(i, w_hat, lam, up_new, down_new)
+            if not score_new < score:
+                break
+            score, up, down, parts, r_deq = score_new, up_new, down_new, parts_new, r_deq_new
+            iterations += 1
+        error = relative(score, norm_sq) if x is not None else math.nan
+        parts = {**parts, "smooth": lam.to(torch.bfloat16), "lora_down": down, "lora_up": up}
+        out_features = linear.weight.shape[0]
+        module = SVDQuantLinear(in_features, out_features, rank, config.precision, group, linear.bias is not None,
+                                device=device, unsigned_input=unsigned_input)
+        with torch.no_grad():
+            for name, tensor in parts.items():
+                getattr(module, name).copy_(tensor)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        results.append((module, LayerResult(alpha, rank, group, error, unsmoothed[i], form, iterations, one_svd)))
+    return results
+
+
+_QKV = re.compile(r"(?P<prefix>.+\.)(?:to_(?P<to>[qkv])|add_(?P<add>[qkv])_proj)")
+
+
+def smoothing_groups(names: Sequence[str], fuse_qkv: bool) -> list[list[str]]:
+    """``names`` in order, with each attention's q, k and v (and its context stream's
+    add_q/k/v_proj) in one group when ``fuse_qkv``; every other linear alone."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        match = _QKV.fullmatch(name) if fuse_qkv else None
+        key = (match["prefix"], "to" if match["to"] else "add") if match else (name, "")
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
 
 
 # -- calibration statistics -----------------------------------------------------------------------
@@ -564,14 +604,17 @@ def quantize_model(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tens
     w4a16 = list(w4a16_linears(model, per_image, config))
     unsigned = re.compile(config.unsigned_inputs) if config.unsigned_inputs else None
     results: dict[str, LayerResult] = {}
-    with torch.no_grad():
-        for name in tqdm(targets, desc="quantgate: svdquant", unit="linear", disable=not progress):
-            layer_stats = stats.get(name, {})
-            module, result = svdquant_linear(model.get_submodule(name), layer_stats.get("absmax"),
-                                             layer_stats.get("sample"), config,
-                                             bool(unsigned and unsigned.fullmatch(name)))
-            _replace(model, name, module)
-            results[name] = result
+    with torch.no_grad(), tqdm(total=len(targets), desc="quantgate: svdquant", unit="linear",
+                               disable=not progress) as bar:
+        for names in smoothing_groups(targets, config.fuse_qkv):
+            layer_stats = stats.get(names[0], {})  # q, k and v read the same input: the first one's rows
+            quantized = svdquant_linears([model.get_submodule(n) for n in names], layer_stats.get("absmax"),
+                                         layer_stats.get("sample"), config,
+                                         bool(unsigned and unsigned.fullmatch(names[0])))
+            for name, (module, result) in zip(names, quantized, strict=True):
+                _replace(model, name, module)
+                results[name] = result
+            bar.update(len(names))
         for name in w4a16:
             _replace(model, name, Int4WeightOnlyLinear(model.get_submodule(name), config.per_image_group_size))
     untouched = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
