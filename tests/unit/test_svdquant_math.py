@@ -442,3 +442,23 @@ def test_q_k_and_v_share_one_smoothing_from_their_stacked_weights() -> None:
     # every layer still gets its own branch and its own error
     assert [m.out_features for m, _ in quantized] == [96, 96, 64]
     assert all(r.output_error < 0.2 for _, r in quantized)
+
+
+def test_nvfp4_activations_with_block_scales_only_do_not_depend_on_the_other_rows() -> None:
+    """nunchaku's NVFP4 activations: an E4M3 scale per 16 values and no tensor scale, so a row is
+    rounded the same whatever else is in the batch; with one dynamic tensor scale over the batch a
+    large row changes a small row's rounding."""
+    g = _gen(31)
+    small = torch.randn(1, 64, generator=g) * 0.05
+    large = torch.randn(1, 64, generator=g) * 300
+    alone = fake_quantize_nvfp4(small, tensor_scale=False)
+    together = fake_quantize_nvfp4(torch.cat([small, large]), tensor_scale=False)[:1]
+    assert torch.equal(alone, together)
+    assert not torch.equal(fake_quantize_nvfp4(small), fake_quantize_nvfp4(torch.cat([small, large]))[:1])
+    # each block's scale is E4M3(max|x| / 6) and the values are that times an E2M1 code
+    codes, scales, tensor = quantize_nvfp4(small, tensor_scale=False)
+    assert float(tensor) == 1.0
+    expected = (small.reshape(1, 4, 16).abs().amax(-1) / 6).to(scales.dtype)
+    assert torch.equal(scales, expected)
+    assert SVDQuantConfig().nvfp4_activation_tensor_scale is False
+    assert SVDQuantConfig(**V1_RECIPE).nvfp4_activation_tensor_scale is True

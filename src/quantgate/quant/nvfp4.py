@@ -54,19 +54,25 @@ def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((codes & 8) != 0, -magnitude, magnitude)
 
 
-def quantize_nvfp4(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_nvfp4(x: torch.Tensor, block: int = BLOCK,
+                   tensor_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (rows, cols) along its last dim: (codes uint8 (rows, cols), E4M3 scale per
     block (rows, cols / block), FP32 tensor scale (1,)).
 
     The tensor scale maps the largest block scale onto E4M3's maximum, so block scales use its
-    whole range; dequantized value = E2M1(code) * float(block scale) * tensor scale.
+    whole range; dequantized value = E2M1(code) * float(block scale) * tensor scale. With
+    ``tensor_scale=False`` it is 1: each block's E4M3 scale alone (nunchaku's activations), so a
+    row's values do not depend on the other rows'; blocks whose scale is below E4M3's smallest
+    subnormal (2^-9) flush to zero.
     """
     rows, cols = x.shape
     if cols % block:
         raise ValueError(f"NVFP4 needs the last dimension ({cols}) to be a multiple of the block size {block}")
     xf = x.float()
-    amax = xf.abs().amax()
-    tensor_scale = (amax / (E2M1_MAX * E4M3_MAX)).clamp(min=1e-30).reshape(1)
+    if tensor_scale:
+        tensor_scale = (xf.abs().amax() / (E2M1_MAX * E4M3_MAX)).clamp(min=1e-30).reshape(1)
+    else:
+        tensor_scale = torch.ones(1, dtype=torch.float32, device=x.device)
     blocks = xf.reshape(rows, cols // block, block)
     wanted = blocks.abs().amax(dim=-1) / E2M1_MAX / tensor_scale
     block_scale = wanted.clamp(max=E4M3_MAX).to(fp8_dtype())
@@ -82,7 +88,8 @@ def dequantize_nvfp4(codes: torch.Tensor, block_scale: torch.Tensor, tensor_scal
     return (values * (block_scale.float() * tensor_scale.float())[..., None]).reshape(rows, cols)
 
 
-def fake_quantize_nvfp4(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """``x`` rounded through NVFP4 (per-row blocks of ``block``, dynamic tensor scale), same dtype."""
+def fake_quantize_nvfp4(x: torch.Tensor, block: int = BLOCK, tensor_scale: bool = True) -> torch.Tensor:
+    """``x`` rounded through NVFP4 (per-row blocks of ``block``; a dynamic tensor scale unless
+    ``tensor_scale=False``), same dtype."""
     flat = x.reshape(-1, x.shape[-1])
-    return dequantize_nvfp4(*quantize_nvfp4(flat, block)).to(x.dtype).reshape(x.shape)
+    return dequantize_nvfp4(*quantize_nvfp4(flat, block, tensor_scale)).to(x.dtype).reshape(x.shape)

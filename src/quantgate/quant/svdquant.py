@@ -77,6 +77,8 @@ class SVDQuantConfig:
     low_rank_iterations: int = 100
     # One smoothing for each attention's q, k and v, as nunchaku's fused QKV projection has.
     fuse_qkv: bool = True
+    # NVFP4 activations: an E4M3 scale per 16 only (nunchaku), or also one dynamic tensor scale.
+    nvfp4_activation_tensor_scale: bool = False
     # The rank is capped at this share of the layer's smaller side, so that on tiny test models
     # the branch stays a small part of each layer; it never binds on full-size FLUX.1 (3072/8 =
     # 384) and binds on SD3.5 Medium only above rank 192.
@@ -131,7 +133,8 @@ class SVDQuantConfig:
 # quantgate's first recipe, before it followed the authors': SmoothQuant's form over 5 strengths,
 # one SVD (the svdquant-ref-v1 scheme keeps it, to measure what the authors' recipe changes).
 V1_RECIPE = {"alphas": (None, 0.3, 0.4, 0.5, 0.6, 0.7), "smoothing_forms": ("smoothquant",),
-             "low_rank_iterations": 1, "bf16_linears": "", "unsigned_inputs": "", "fuse_qkv": False}
+             "low_rank_iterations": 1, "bf16_linears": "", "unsigned_inputs": "", "fuse_qkv": False,
+             "nvfp4_activation_tensor_scale": True}
 
 
 # -- the pieces of the algorithm ----------------------------------------------------------------
@@ -220,10 +223,12 @@ def fake_quantize_uint4(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _fake_quantize_act(x: torch.Tensor, precision: str, group_size: int,
-                       shift: torch.Tensor | None = None) -> torch.Tensor:
-    """Activations through the 4-bit grid; with ``shift`` (INT4) ``x + shift`` unsigned, then back."""
+                       shift: torch.Tensor | None = None, nvfp4_tensor_scale: bool = False) -> torch.Tensor:
+    """Activations through the 4-bit grid; with ``shift`` (INT4) ``x + shift`` unsigned, then back.
+    NVFP4 activations take an E4M3 scale per 16 only, as nunchaku's (``nvfp4_tensor_scale`` adds
+    one dynamic scale over the whole batch, quantgate's first recipe)."""
     if precision == "nvfp4":
-        return fake_quantize_nvfp4(x, group_size)
+        return fake_quantize_nvfp4(x, group_size, nvfp4_tensor_scale)
     if shift is not None:
         return fake_quantize_uint4(x + shift.to(x.dtype), group_size) - shift.to(x.dtype)
     return fake_quantize_int4(x, group_size)
@@ -241,13 +246,14 @@ class SVDQuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, precision: str, group_size: int,
                  bias: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
-                 unsigned_input: bool = False):
+                 unsigned_input: bool = False, act_tensor_scale: bool = False):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.in_features, self.out_features = in_features, out_features
         # post-GELU inputs: shifted by GELU_SHIFT / λ (>= 0 after smoothing) and quantized unsigned
         self.unsigned_input = unsigned_input and precision == "int4"
+        self.act_tensor_scale = act_tensor_scale and precision == "nvfp4"  # see _fake_quantize_act
         self.rank, self.precision, self.group_size = rank, precision, group_size
         self.low_rank = True
         self._base_branch: tuple[torch.Tensor, torch.Tensor, int] | None = None  # while LoRAs are applied
@@ -277,7 +283,8 @@ class SVDQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = x / self.smooth.to(x.dtype)
         shift = GELU_SHIFT / self.smooth.float() if self.unsigned_input else None
-        y = F.linear(_fake_quantize_act(xs, self.precision, self.group_size, shift), self.residual(x.dtype),
+        y = F.linear(_fake_quantize_act(xs, self.precision, self.group_size, shift, self.act_tensor_scale),
+                     self.residual(x.dtype),
                      None if self.bias is None else self.bias.to(x.dtype))
         if self.low_rank and self.rank:
             y = y + F.linear(F.linear(xs, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
@@ -438,7 +445,8 @@ def svdquant_linears(linears: Sequence[nn.Linear], act_absmax: torch.Tensor | No
             xs = x / lam
             branch = (xs @ down.float().t()) @ up.float().t()
             shift = GELU_SHIFT / lam if unsigned else None
-            target, estimate = ys[i], _fake_quantize_act(xs, config.precision, group, shift) @ r_deq.t() + branch
+            acts = _fake_quantize_act(xs, config.precision, group, shift, config.nvfp4_activation_tensor_scale)
+            target, estimate = ys[i], acts @ r_deq.t() + branch
         return (float(torch.linalg.vector_norm(target - estimate)) ** 2, float(torch.linalg.vector_norm(target)) ** 2,
                 parts, r_deq)
 
@@ -480,7 +488,8 @@ def svdquant_linears(linears: Sequence[nn.Linear], act_absmax: torch.Tensor | No
         parts = {**parts, "smooth": lam.to(torch.bfloat16), "lora_down": down, "lora_up": up}
         out_features = linear.weight.shape[0]
         module = SVDQuantLinear(in_features, out_features, rank, config.precision, group, linear.bias is not None,
-                                device=device, unsigned_input=unsigned_input)
+                                device=device, unsigned_input=unsigned_input,
+                                act_tensor_scale=config.nvfp4_activation_tensor_scale)
         with torch.no_grad():
             for name, tensor in parts.items():
                 getattr(module, name).copy_(tensor)

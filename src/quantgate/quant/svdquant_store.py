@@ -44,7 +44,8 @@ def _record(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, SVDQuantLinear):
         return {"kind": "w4a4", "in_features": module.in_features, "out_features": module.out_features,
                 "rank": module.rank, "precision": module.precision, "group_size": module.group_size,
-                "bias": module.bias is not None, "unsigned_input": module.unsigned_input}
+                "bias": module.bias is not None, "unsigned_input": module.unsigned_input,
+                "act_tensor_scale": module.act_tensor_scale}
     return {"kind": "w4a16", "in_features": module.in_features, "out_features": module.out_features,
             "group_size": module.group_size, "bias": module.bias is not None}
 
@@ -90,7 +91,8 @@ def load(directory: Path, model: nn.Module, device: torch.device | str) -> dict[
         if meta["kind"] == "w4a4":
             layer = SVDQuantLinear(meta["in_features"], meta["out_features"], meta["rank"], meta["precision"],
                                    meta["group_size"], meta["bias"], device="meta",
-                                   unsigned_input=meta.get("unsigned_input", False))
+                                   unsigned_input=meta.get("unsigned_input", False),
+                                   act_tensor_scale=meta.get("act_tensor_scale", False))
             buffers = _SVDQ_BUFFERS
         else:
             layer = Int4WeightOnlyLinear.empty(meta["in_features"], meta["out_features"], meta["group_size"],
