@@ -384,10 +384,6 @@ class LayerResult:
     output_error_one_svd: float = math.nan  # the winner's error before the refinement
 
 
-def _relative(y: torch.Tensor, y_hat: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(y - y_hat) / torch.linalg.vector_norm(y).clamp(min=1e-30))
-
-
 def _quantize_residual(r: torch.Tensor, precision: str, group: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     if precision == "nvfp4":
         codes, block_scale, tensor_scale = quantize_nvfp4(r, group)

@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 
-INT8_MAX = 127
-SYMMETRIC_OFFSET = 8  # the same convention as quantgate.quant.w4a8
 MIN_CAPABILITY = (8, 0)  # INT8 tensor-core MMA in Triton: Ampere and later
 _BLOCK_K_CHOICES = (128, 64, 32)  # tl.dot on int8 needs K tiles of at least 32
 _MAX_ROW = 16384  # the quantizer holds one row in registers
@@ -138,7 +136,7 @@ def _kernels(interpret: bool) -> dict[str, Any]:
             if HAS_ZERO:
                 zero = tl.load(wz_ptr + offs_n * GROUPS + g, mask=mask_n, other=0).to(tl.int16)
             else:
-                zero = tl.full((BLOCK_N,), 8, tl.int16)
+                zero = tl.full((BLOCK_N,), 8, tl.int16)  # quantgate.quant.w4a8.SYMMETRIC_OFFSET
             for kk in range(0, GROUP_K, BLOCK_K):
                 k = g * GROUP_K + kk + offs_k
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=mask_m[:, None], other=0)

@@ -115,33 +115,29 @@ def _native_loras(pipe: Any, denoiser: str) -> Any:
 DEFAULT = SVDQuantConfig()  # the authors' recipe (deepcompressor): 39 smoothing candidates, iterated branch
 V1 = SVDQuantConfig(**V1_RECIPE)  # quantgate's first recipe, kept to measure what the authors' changes
 
+
+def _svdquant_scheme(name: str, summary: str, config: SVDQuantConfig) -> Scheme:
+    """A registry entry for quantgate's SVDQuant reference with ``config``; entries differ only in it."""
+    return Scheme(
+        name=name,
+        summary=summary,
+        backend="quantgate",
+        plan=lambda request: QuantizationPlan(None),
+        post_load=make_post_load(config),
+        markers=("svdquant",),
+        lora_attach=_native_loras,
+        offline_quantization="SVDQuant checkpoints are calibrated and quantized once and shipped 4-bit "
+                             "(nunchaku's FLUX.1 models); the 16 GB claim is about running them",
+        details={"config": config.describe(),
+                 "reference": "arXiv 2411.05007; forward simulated in bf16, footprint real (packed INT4)"},
+    )
+
+
 SCHEMES = [
-    Scheme(
-        name="svdquant-ref",
-        summary="quantgate's SVDQuant reference: smoothing + rank-32 bf16 low-rank branch + INT4 W4A4 residual "
-                "(group 64, packed); adaLN linears W4A16; simulated arithmetic, any device",
-        backend="quantgate",
-        plan=lambda request: QuantizationPlan(None),
-        post_load=make_post_load(DEFAULT),
-        markers=("svdquant",),
-        lora_attach=_native_loras,
-        offline_quantization="SVDQuant checkpoints are calibrated and quantized once and shipped 4-bit "
-                             "(nunchaku's FLUX.1 models); the 16 GB claim is about running them",
-        details={"config": DEFAULT.describe(),
-                 "reference": "arXiv 2411.05007; forward simulated in bf16, footprint real (packed INT4)"},
-    ),
-    Scheme(
-        name="svdquant-ref-v1",
-        summary="svdquant-ref with quantgate's first recipe: SmoothQuant-form smoothing over 5 strengths and one "
-                "SVD, against the authors' 39 candidates and iterated branch (to measure what they change)",
-        backend="quantgate",
-        plan=lambda request: QuantizationPlan(None),
-        post_load=make_post_load(V1),
-        markers=("svdquant",),
-        lora_attach=_native_loras,
-        offline_quantization="SVDQuant checkpoints are calibrated and quantized once and shipped 4-bit "
-                             "(nunchaku's FLUX.1 models); the 16 GB claim is about running them",
-        details={"config": V1.describe(),
-                 "reference": "arXiv 2411.05007; forward simulated in bf16, footprint real (packed INT4)"},
-    ),
+    _svdquant_scheme("svdquant-ref", "quantgate's SVDQuant reference: smoothing + rank-32 bf16 low-rank branch + INT4 "
+                     "W4A4 residual (group 64, packed); adaLN linears W4A16; simulated arithmetic, any device", DEFAULT),
+    _svdquant_scheme("svdquant-ref-v1", "svdquant-ref with quantgate's first recipe: SmoothQuant-form smoothing over 5 "
+                     "strengths and one SVD, against the authors' 39 candidates and iterated branch (to measure what "
+                     "they change)", V1),
 ]
+
