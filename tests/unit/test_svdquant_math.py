@@ -20,6 +20,8 @@ from quantgate.quant.svdquant import (
     Int4WeightOnlyLinear,
     SmoothStats,
     SVDQuantConfig,
+    _dequantized_residual,
+    _quantize_residual,
     low_rank_split,
     quantize_int4_weight,
     smoothing_factors,
@@ -462,3 +464,15 @@ def test_nvfp4_activations_with_block_scales_only_do_not_depend_on_the_other_row
     assert torch.equal(scales, expected)
     assert SVDQuantConfig().nvfp4_activation_tensor_scale is False
     assert SVDQuantConfig(**V1_RECIPE).nvfp4_activation_tensor_scale is True
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_the_search_scores_exactly_the_residual_that_is_stored(precision: str) -> None:
+    """The search rounds candidates without packing them; what it scores must be bit for bit what
+    the packed residual dequantizes to, zero groups and outliers included."""
+    torch.manual_seed(3)
+    r = torch.randn(48, 256) * torch.logspace(-3, 2, 256)
+    r[5, :64] = 0  # a group of zeros
+    group = 64 if precision == "int4" else 16
+    _, stored = _quantize_residual(r, precision, group)
+    assert torch.equal(_dequantized_residual(r, precision, group), stored)

@@ -384,6 +384,17 @@ class LayerResult:
     output_error_one_svd: float = math.nan  # the winner's error before the refinement
 
 
+def _dequantized_residual(r: torch.Tensor, precision: str, group: int) -> torch.Tensor:
+    """What :func:`_quantize_residual` stores for ``r``, dequantized, without packing it: the search
+    scores 39 candidates and up to 100 refinements per layer and keeps one. INT4 rounds each group
+    against its bf16 scale in one grouped pass (bit for bit the stored values, tested)."""
+    if precision == "nvfp4":
+        return dequantize_nvfp4(*quantize_nvfp4(r, group))
+    g = r.float().reshape(r.shape[0], -1, group)
+    scale = (g.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / INT4_MAX).to(torch.bfloat16).float()
+    return (torch.round(g / scale).clamp(-INT4_MAX, INT4_MAX) * scale).reshape(r.shape)
+
+
 def _quantize_residual(r: torch.Tensor, precision: str, group: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     if precision == "nvfp4":
         codes, block_scale, tensor_scale = quantize_nvfp4(r, group)
@@ -433,8 +444,9 @@ def svdquant_linears(linears: Sequence[nn.Linear], act_absmax: torch.Tensor | No
     unsigned = unsigned_input and config.precision == "int4"
 
     def fit(i: int, w_hat: torch.Tensor, lam: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
-        """(squared error, squared norm, parts, residual) of layer ``i``'s branch ``up @ down``."""
-        parts, r_deq = _quantize_residual(w_hat - up.float() @ down.float(), config.precision, group)
+        """(squared error, squared norm, residual, dequantized residual) of layer ``i``'s branch ``up @ down``."""
+        residual = w_hat - up.float() @ down.float()
+        r_deq = _dequantized_residual(residual, config.precision, group)
         if x is None:  # no sample: the weight-space error of the fit
             target, estimate = w_hat, r_deq + up.float() @ down.float()
         else:
@@ -444,7 +456,7 @@ def svdquant_linears(linears: Sequence[nn.Linear], act_absmax: torch.Tensor | No
             acts = _fake_quantize_act(xs, config.precision, group, shift, config.nvfp4_activation_tensor_scale)
             target, estimate = ys[i], acts @ r_deq.t() + branch
         return (float(torch.linalg.vector_norm(target - estimate)) ** 2, float(torch.linalg.vector_norm(target)) ** 2,
-                parts, r_deq)
+                residual, r_deq)
 
     def relative(err_sq: float, norm_sq: float) -> float:
         return math.sqrt(err_sq / max(norm_sq, 1e-60))
@@ -458,8 +470,8 @@ def svdquant_linears(linears: Sequence[nn.Linear], act_absmax: torch.Tensor | No
         for i, (w, rank) in enumerate(zip(weights, ranks, strict=True)):
             w_hat = w * lam
             up, down = (t.to(torch.bfloat16) for t in low_rank_split(w_hat, rank, config.svd))
-            err_sq, norm_sq, parts, r_deq = fit(i, w_hat, lam, up, down)
-            layers.append([err_sq, norm_sq, w_hat, up, down, parts, r_deq])
+            err_sq, norm_sq, residual, r_deq = fit(i, w_hat, lam, up, down)
+            layers.append([err_sq, norm_sq, w_hat, up, down, residual, r_deq])
         error = relative(sum(v[0] for v in layers), sum(v[1] for v in layers)) if x is not None else math.nan
         if alpha is None:
             unsmoothed = [relative(v[0], v[1]) if x is not None else math.nan for v in layers]
@@ -469,18 +481,19 @@ def svdquant_linears(linears: Sequence[nn.Linear], act_absmax: torch.Tensor | No
     _, form, alpha, lam, layers = best
     results = []
     for i, (linear, rank, fitted) in enumerate(zip(linears, ranks, layers, strict=True)):
-        err_sq, norm_sq, w_hat, up, down, parts, r_deq = fitted
+        err_sq, norm_sq, w_hat, up, down, residual, r_deq = fitted
         one_svd = relative(err_sq, norm_sq) if x is not None else math.nan
         # deepcompressor's refinement: the branch re-fit to what the 4-bit residual cannot hold
         score, iterations = err_sq, 1
         for _ in range(1, config.low_rank_iterations if rank else 1):
             up_new, down_new = (t.to(torch.bfloat16) for t in low_rank_split(w_hat - r_deq, rank, config.svd))
-            score_new, _, parts_new, r_deq_new = fit(i, w_hat, lam, up_new, down_new)
+            score_new, _, residual_new, r_deq_new = fit(i, w_hat, lam, up_new, down_new)
             if not score_new < score:
                 break
-            score, up, down, parts, r_deq = score_new, up_new, down_new, parts_new, r_deq_new
+            score, up, down, residual, r_deq = score_new, up_new, down_new, residual_new, r_deq_new
             iterations += 1
         error = relative(score, norm_sq) if x is not None else math.nan
+        parts, _ = _quantize_residual(residual, config.precision, group)  # only the kept fit is packed
         parts = {**parts, "smooth": lam.to(torch.bfloat16), "lora_down": down, "lora_up": up}
         out_features = linear.weight.shape[0]
         module = SVDQuantLinear(in_features, out_features, rank, config.precision, group, linear.bias is not None,
