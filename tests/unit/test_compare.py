@@ -262,3 +262,17 @@ def test_the_report_and_the_terminal_name_the_verdicts_and_the_rule(tmp_path):
     for verdict in (REGRESSION, NO_CHANGE, NOT_ENOUGH_DATA):
         assert f"| {verdict} |" in markdown
     assert "Mann-Whitney U test" in markdown and "compare.toml" in markdown and "| 15 / 15 |" in markdown
+
+
+GPU_AB = REPO / "reports" / "timing-ab-h200-2026-12-05" / "ab"
+
+
+@pytest.mark.parametrize("new, verdict, code", [("b", REGRESSION, 1), ("a2", NO_CHANGE, 0)],
+                         ids=["planted-matmuls-are-flagged", "a-rerun-is-no-change"])
+def test_the_committed_h200_timing_pairs_are_judged_from_their_rounds(new: str, verdict: str, code: int):
+    """The H200's A/B (b: tests/planted_regression.py's 8 matmuls a block) and A/A (a2: the same
+    commit again) pairs, as pytest-benchmark wrote them: compare decides both from the raw rounds."""
+    base = load_runs([GPU_AB / "a" / "benchmark.json"])
+    comparison = compare_runs(base, load_runs([GPU_AB / new / "benchmark.json"]))
+    assert {c.verdict for c in comparison.times} == {verdict} and len(comparison.times) == 2
+    assert exit_code(comparison) == code and not comparison.machine_differences
