@@ -272,3 +272,24 @@ def pytest_quantgate_json_section(config, section, output_json):
     assert section["mine"]["benchmarks"] == 0 and len(section["mine"]["keys"]) == 3
     assert set(section["mine"]["keys"]) <= set(section)
     assert "gpu_budget" in section and "wall_seconds" in section
+
+
+KILLED_TESTS = """
+import os
+
+def test_gate_fails(case):
+    assert 3 >= 5, "measured 3 vs required >= 5"
+
+def test_killed(case):
+    os._exit(3)  # the run dies here, as when a device lease runs out: no end-of-session summary
+"""
+
+
+def test_a_failure_reason_is_printed_when_it_happens_so_a_killed_run_keeps_it(pytester, args):
+    pytester.makepyfile(KILLED_TESTS)
+    result = pytester.runpytest_subprocess(*args, "-m", "cpu", "--quantgate-models=flux-schnell",
+                                           "--quantgate-schemes=bf16")
+    assert result.ret == 3
+    result.stdout.fnmatch_lines(["quantgate: FAILED *test_gate_fails[[]flux-schnell-tiny-bf16-eager-b1-cpu[]] (call): "
+                                 "AssertionError: measured 3 vs required >= 5"])
+    assert "short test summary" not in result.stdout.str()

@@ -250,7 +250,16 @@ class QuantgateRun:
                 reason = report.longrepr[2].removeprefix("Skipped: ")
             elif report.failed:
                 reason = _failure_reason(report)
+                self._say_failure(report.nodeid, report.when, reason)
             record.update(outcome=report.outcome, when=report.when, reason=reason)
+
+    def _say_failure(self, nodeid: str, when: str, reason: str | None) -> None:
+        """Print a failure's one-line reason as it happens: pytest prints reasons only at the end of
+        the session, so a run cut short (a lease running out, a killed job) would lose them."""
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter") if self.config is not None else None
+        if terminal is not None:
+            terminal.ensure_newline()
+            terminal.write_line(f"quantgate: FAILED {nodeid} ({when}): {reason}", red=True)
 
     # Hooks of the run itself (it is registered as the plugin "quantgate-run").
     def pytest_runtest_logstart(self, nodeid: str) -> None:
