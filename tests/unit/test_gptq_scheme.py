@@ -1,5 +1,7 @@
 """GPTQ / RTN W4A8 on the tiny SD3.5 Medium pipeline (CPU): calibration, layer errors, caches, the CLI."""
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,12 @@ from quantgate.models import get_model
 from quantgate.models.sources import SourceContext
 from quantgate.pipeline import load_pipeline
 from quantgate.prompts import PromptSet
+from quantgate.quant import w4a8_model
 from quantgate.quant.calibration import CalibrationSettings, select_linears
 from quantgate.quant.gptq import GPTQConfig, gptq_quantize, hessian_error, rtn_quantize
 from quantgate.quant.int4 import GroupSpec
 from quantgate.quant.w4a8 import W4A8Linear
-from quantgate.quant.w4a8_model import BLOCK_LINEARS, calibrate, calibration_passes
+from quantgate.quant.w4a8_model import BLOCK_LINEARS, calibrate, calibration_passes, hessian_cache_refusal
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = PromptSet.load(REPO / "fixtures" / "prompts" / "calibration.txt").prompts
@@ -111,6 +114,54 @@ def test_calibration_splits_into_passes_that_fit_the_budget():
     assert [len(p) for p in calibration_passes(layers, None)] == [5]
     assert [len(p) for p in calibration_passes(layers, 2 * 64 * 64 * 4)] == [2, 2, 1]
     assert [len(p) for p in calibration_passes(layers, 1)] == [1] * 5  # a layer larger than the budget goes alone
+
+
+def test_gptq_quantizes_pass_by_pass_holding_one_pass_of_hessians_with_the_same_result(cache, tmp_path,
+                                                                                      monkeypatch):
+    """FLUX.1's Hessians (75 GB) do not fit beside the model: each pass is quantized as soon as it is
+    collected and its Hessians dropped. Split into passes or not, the layers come out the same."""
+    _, whole = _load("gptq-w4a8", cache)
+    notes = whole.notes["transformer"]["calibration"]
+    assert len(notes["passes"]) == 1
+    total = notes["hessian_bytes_held_max"]
+    reference = {n: b.clone() for n, b in whole.denoiser.named_buffers() if n.startswith("transformer_blocks.")}
+    whole.pipe = None
+
+    split_cache = tmp_path / "split"
+    split_cache.mkdir()
+    (split_cache / "synthetic").symlink_to(cache / "synthetic", target_is_directory=True)
+    monkeypatch.setattr(w4a8_model, "hessian_budget", lambda device: total // 4)
+    earlier: list[weakref.ref] = []  # every Hessian collected so far
+    alive_at_start: list[int] = []  # how many of them were still alive when the next pass began
+    real_collect = w4a8_model.collect_cached
+
+    def collect_cached(*args, **kwargs):
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for ref in earlier))
+        stats, facts = real_collect(*args, **kwargs)
+        earlier.extend(weakref.ref(s["hessian"]) for s in stats.values())
+        return stats, facts
+
+    monkeypatch.setattr(w4a8_model, "collect_cached", collect_cached)
+    _, split = _load("gptq-w4a8", split_cache)
+    notes = split.notes["transformer"]["calibration"]
+    assert len(notes["passes"]) >= 4 and notes["hessian_bytes_held_max"] <= total // 4
+    assert len(alive_at_start) == len(notes["passes"]) and set(alive_at_start) == {0}, alive_at_start
+    buffers = dict(split.denoiser.named_buffers())
+    assert reference and all(torch.equal(b, buffers[n]) for n, b in reference.items())
+
+
+def test_hessians_too_large_for_the_disk_are_not_cached(cache, monkeypatch):
+    layers = {f"l{i}": torch.nn.Linear(64, 8) for i in range(5)}  # 80 KiB of Hessians
+    assert hessian_cache_refusal(layers, cache) is None
+    assert hessian_cache_refusal(layers, None) is None
+    why = hessian_cache_refusal(layers, cache / "not" / "yet", fraction=1e-12)  # the nearest existing parent
+    assert why.startswith("Hessians not cached: 0.0 GB would exceed 0% of the") and str(cache) in why
+    monkeypatch.setattr(w4a8_model, "hessian_cache_refusal", lambda layers, cache_dir: "Hessians not cached: test")
+    _, loaded = _load("gptq-w4a8", cache)
+    calibration = loaded.notes["transformer"]["calibration"]
+    assert calibration["hessian_cache"] == "Hessians not cached: test" and calibration["cache"] == "off"
+    assert not (cache / "calibration").exists() and loaded.notes["transformer"]["checkpoint"] == "miss"
 
 
 def test_the_cli_steps_reuse_each_other_s_caches(cache, capsys, tmp_path):

@@ -88,7 +88,7 @@ class _Context:
 def _calibrate(args: argparse.Namespace) -> int:
     from quantgate.pipeline import weights_identity
     from quantgate.quant.calibration import select_linears
-    from quantgate.quant.w4a8_model import BLOCK_LINEARS, calibrate, hessian_budget
+    from quantgate.quant.w4a8_model import BLOCK_LINEARS, calibrate_passes, calibration_facts, hessian_budget
 
     context = _Context(args)
     case = context.case("bf16")
@@ -97,8 +97,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     denoiser = loaded.denoiser
     layers = select_linears(denoiser, BLOCK_LINEARS)
     device = next(iter(layers.values())).weight.device
-    _, facts = calibrate(loaded.pipe, denoiser, layers, settings, weights_identity(loaded.spec, loaded.source),
-                         context.ctx.cache_dir, budget=hessian_budget(device))
+    start = time.perf_counter()
+    records = [record for _chunk, _hessians, record in  # each pass cached, then dropped: one held at a time
+               calibrate_passes(loaded.pipe, denoiser, layers, settings, weights_identity(loaded.spec, loaded.source),
+                                context.ctx.cache_dir, budget=hessian_budget(device))]
+    facts = calibration_facts(settings, records, time.perf_counter() - start)
     print(f"calibrated {len(layers)} linears of {context.spec.name} ({context.source}) on {settings.samples} samples "
           f"x {settings.call_kwargs['num_inference_steps']} steps in {facts['seconds']:.1f} s "
           f"(cache {facts['cache']})")

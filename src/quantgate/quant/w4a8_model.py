@@ -6,7 +6,9 @@ The steps, each usable on its own (the ``quantgate gptq`` commands call them one
    every selected linear's inputs (streaming; see ``quantgate.quant.calibration``), cached on
    disk. Hessians live on the layers' device while they accumulate; when all of them would not
    fit the budget (FLUX.1's 38 single blocks alone hold 15360x15360 fp32 Hessians, 0.9 GB each),
-   the layers are split into passes over the same prompts, each cached on its own.
+   the layers are split into passes over the same prompts, each cached on its own (where the
+   disk has room). ``quantize_denoiser`` quantizes each pass as soon as it is collected and
+   drops its Hessians, so one pass is held at a time.
 2. ``quantize_linears``: layers of the same shape are stacked (within a memory budget) and
    quantized together, so GPTQ's sequential column loop runs once per stack instead of once
    per layer; a tqdm bar counts layers.
@@ -34,7 +36,7 @@ on the quantization result, so they could not be cached independently of it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -129,29 +131,75 @@ def calibration_passes(layers: Mapping[str, nn.Linear], budget: int | None) -> l
     return passes
 
 
-def calibrate(pipe: Any, denoiser: nn.Module, layers: Mapping[str, nn.Linear], settings: CalibrationSettings,
-              identity: Mapping[str, Any], cache_dir: str | Path | None,
-              budget: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Hessians ``2 X Xᵀ / n`` of ``layers``' inputs over the calibration run, and facts about it.
+def hessian_bytes(layers: Mapping[str, nn.Linear]) -> int:
+    """Bytes of the fp32 Hessians of ``layers`` (``in_features²`` each)."""
+    return sum(linear.in_features**2 * 4 for linear in layers.values())
 
-    Cached per pass under ``<cache_dir>/calibration``; facts say for each pass whether it hit.
+
+def hessian_cache_refusal(layers: Mapping[str, nn.Linear], cache_dir: str | Path | None,
+                          fraction: float = 0.25) -> str | None:
+    """Why the Hessians of ``layers`` are not written under ``cache_dir`` (None: they are).
+
+    FLUX.1's block linears hold about 75 GB of fp32 Hessians, more than a 64 GB runner disk: they
+    are cached only when they take at most ``fraction`` of the disk's free space. The quantized
+    checkpoint (a quarter of bf16) is cached either way, and it is what a second run reads.
     """
-    start = time.perf_counter()
+    if cache_dir is None:
+        return None
+    import shutil
+
+    probe = Path(cache_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    need, free = hessian_bytes(layers), shutil.disk_usage(probe).free
+    if need > fraction * free:
+        return (f"Hessians not cached: {need / 1e9:.1f} GB would exceed {fraction:.0%} of the "
+                f"{free / 1e9:.1f} GB free under {probe}")
+    return None
+
+
+def calibrate_passes(pipe: Any, denoiser: nn.Module, layers: Mapping[str, nn.Linear], settings: CalibrationSettings,
+                     identity: Mapping[str, Any], cache_dir: str | Path | None, budget: int | None = None
+                     ) -> Iterator[tuple[dict[str, nn.Linear], dict[str, torch.Tensor], dict[str, Any]]]:
+    """Hessians ``2 X Xᵀ / n`` of ``layers``' inputs, one pass at a time: yields (the pass's layers,
+    their Hessians, the pass's record), so a caller can use and drop each pass's Hessians before
+    the next is collected. Each pass fits ``budget`` bytes and is cached on its own under
+    ``<cache_dir>/calibration``.
+    """
     passes = calibration_passes(layers, budget)
-    hessians: dict[str, torch.Tensor] = {}
-    records = []
     for index, chunk in enumerate(passes):
         desc = "quantgate: GPTQ calibration" + (f" (pass {index + 1}/{len(passes)})" if len(passes) > 1 else "")
         stats, facts = collect_cached(pipe, denoiser, chunk,
                                       lambda _name, linear: Hessian(linear.in_features, device=linear.weight.device),
                                       "hessian", settings, identity, cache_dir, desc=desc)
-        for name in chunk:
-            hessians[name] = stats[name]["hessian"]
-        records.append({k: facts[k] for k in ("key", "cache", "layers") if k in facts})
-    seconds = time.perf_counter() - start
-    return hessians, {"samples": settings.samples, "passes": records, "seconds": round(seconds, 3),
-                      "cache": "hit" if all(r["cache"] == "hit" for r in records) else
-                      ("off" if all(r["cache"] == "off" for r in records) else "miss")}
+        hessians = {name: stats[name]["hessian"] for name in chunk}
+        del stats
+        yield chunk, hessians, {k: facts[k] for k in ("key", "cache", "layers") if k in facts}
+        del hessians  # not held by this frame while the next pass collects
+
+
+def calibration_facts(settings: CalibrationSettings, records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """What a calibration records: samples, its passes, time and whether the cache served it."""
+    return {"samples": settings.samples, "passes": records, "seconds": round(seconds, 3),
+            "cache": "hit" if all(r["cache"] == "hit" for r in records) else
+            ("off" if all(r["cache"] == "off" for r in records) else "miss")}
+
+
+def calibrate(pipe: Any, denoiser: nn.Module, layers: Mapping[str, nn.Linear], settings: CalibrationSettings,
+              identity: Mapping[str, Any], cache_dir: str | Path | None,
+              budget: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every pass of :func:`calibrate_passes` at once: all the Hessians, and facts about the run.
+
+    Holds them all; :func:`quantize_denoiser` quantizes pass by pass instead.
+    """
+    start = time.perf_counter()
+    hessians: dict[str, torch.Tensor] = {}
+    records = []
+    for _chunk, chunk_hessians, record in calibrate_passes(pipe, denoiser, layers, settings, identity, cache_dir,
+                                                           budget):
+        hessians.update(chunk_hessians)
+        records.append(record)
+    return hessians, calibration_facts(settings, records, time.perf_counter() - start)
 
 
 def _stack_bytes(out_features: int, in_features: int, calibrated: bool) -> int:
@@ -215,6 +263,51 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _stack_budget(device: torch.device) -> int:
+    free = _free_bytes(device)
+    return min(4 * 2**30, free // 4) if free is not None else 2**30
+
+
+def _quantize_pass_by_pass(pipe: Any, denoiser: nn.Module, layers: Mapping[str, nn.Linear], method: W4A8Method,
+                           settings: CalibrationSettings | None, identity: Mapping[str, Any],
+                           cache_dir: str | Path | None, device: torch.device, progress: bool
+                           ) -> tuple[dict[str, W4A8Linear], dict[str, Any] | None, float]:
+    """W4A8 layers for ``layers``, and the calibration facts and quantizing seconds.
+
+    GPTQ quantizes each calibration pass's layers as soon as its Hessians are collected and drops
+    them: at most one pass of Hessians (a third of free GPU memory) is held, instead of all of
+    FLUX.1's 75 GB. The new layers are swapped in only at the end, so every pass calibrates the
+    unquantized model (see the module docstring).
+    """
+    if not method.calibrates:
+        start = time.perf_counter()
+        quantized = quantize_linears(layers, method, budget=_stack_budget(device), progress=progress)
+        _synchronize(device)
+        return quantized, None, round(time.perf_counter() - start, 3)
+    refusal = hessian_cache_refusal(layers, cache_dir)
+    done: dict[str, W4A8Linear] = {}
+    records: list[dict[str, Any]] = []
+    calibrating = quantizing = 0.0
+    start = time.perf_counter()
+    held = 0
+    for chunk, hessians, record in calibrate_passes(pipe, denoiser, layers, settings, identity,
+                                                    None if refusal else cache_dir, budget=hessian_budget(device)):
+        held = max(held, hessian_bytes(chunk))
+        calibrating += time.perf_counter() - start
+        start = time.perf_counter()
+        done.update(quantize_linears(chunk, method, hessians, budget=_stack_budget(device), progress=progress))
+        del hessians
+        _synchronize(device)
+        quantizing += time.perf_counter() - start
+        records.append(record)
+        start = time.perf_counter()
+    calibration = calibration_facts(settings, records, calibrating)
+    calibration["hessian_bytes_held_max"] = held
+    if refusal:
+        calibration["hessian_cache"] = refusal
+    return {name: done[name] for name in layers}, calibration, round(quantizing, 3)
+
+
 def quantize_denoiser(pipe: Any, denoiser_name: str, method: W4A8Method, *, identity: Mapping[str, Any],
                       cache_dir: str | Path | None, settings: CalibrationSettings | None,
                       pattern: str = BLOCK_LINEARS, per_image: str | None = None,
@@ -255,18 +348,8 @@ def quantize_denoiser(pipe: Any, denoiser_name: str, method: W4A8Method, *, iden
                          checkpoint_load_seconds=round(time.perf_counter() - start, 3),
                          calibration=document.get("calibration"), quantize_seconds=document.get("quantize_seconds"))
     if quantized is None:
-        calibration = None
-        hessians = None
-        if method.calibrates:
-            hessians, calibration = calibrate(pipe, denoiser, layers, settings, identity, cache_dir,
-                                              budget=hessian_budget(device))
-        free = _free_bytes(device)
-        budget = min(4 * 2**30, free // 4) if free is not None else 2**30
-        start = time.perf_counter()
-        quantized = quantize_linears(layers, method, hessians, budget=budget, progress=progress)
-        _synchronize(device)
-        seconds = round(time.perf_counter() - start, 3)
-        del hessians
+        quantized, calibration, seconds = _quantize_pass_by_pass(pipe, denoiser, layers, method, settings, identity,
+                                                                 cache_dir, device, progress)
         facts.update(checkpoint="miss" if directory is not None else "off", calibration=calibration,
                      quantize_seconds=seconds)
         if directory is not None:
