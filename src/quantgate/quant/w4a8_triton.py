@@ -140,11 +140,14 @@ def _kernels(interpret: bool) -> dict[str, Any]:
             for kk in range(0, GROUP_K, BLOCK_K):
                 k = g * GROUP_K + kk + offs_k
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=mask_m[:, None], other=0)
-                packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k // 2)[None, :], mask=mask_n[:, None],
+                # The weight tile is loaded as (K, N), the dot's own orientation: no tl.trans of an
+                # 8-bit tile, which Triton has miscompiled on Hopper (triton-lang/triton#6124; 8-bit
+                # tl.trans corruption reported against 3.7).
+                packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k // 2)[:, None], mask=mask_n[None, :],
                                  other=0)
-                code = ((packed >> shift[None, :]) & 0xF).to(tl.int16)
-                w = (code - zero[:, None]).to(tl.int8)  # in [-15, 15]: INT8 exactly
-                group_acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+                code = ((packed >> shift[:, None]) & 0xF).to(tl.int16)
+                w = (code - zero[None, :]).to(tl.int8)  # in [-15, 15]: INT8 exactly
+                group_acc += tl.dot(a, w, out_dtype=tl.int32)
             if RAW_INT32:
                 raw += group_acc
             else:
